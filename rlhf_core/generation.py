@@ -1,0 +1,208 @@
+"""Batched sampling that returns ids, masks and the log-probs of the distribution it actually drew from.
+
+A plain decoding loop over the KV cache rather than `model.generate`, so nothing can change the distribution
+behind our back (a model's `generation_config` may carry repetition penalties, `min_length` or suppressed tokens):
+the token at each step is drawn from exactly
+
+    p(· | s_t) = softmax(filter(logits_t / temperature))            (top-k, then top-p; filtered tokens get -inf)
+
+and `logprobs[:, t] = log p(a_t | s_t)` of that same distribution (PITFALLS 1). With temperature 1 and no
+filtering this is the policy itself, so rollout log-probs equal a fresh forward pass (`logprobs.response_forward`).
+
+Layout (that of `logprobs.response_forward`): prompts left-padded `[batch, P]`; responses right-padded `[batch, T]`
+with the pad id, `response_mask` 1 on generated tokens up to and including the EOS that ended the row. A row stops
+at its first EOS (the tokenizer's eos, the chat template's end-of-turn token, or any of the model's
+`generation_config.eos_token_id`); nothing forbids an early EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.models import PolicyWithValueHead, unwrap_peft
+from rlhf_core.tokenization import (
+    Conversation,
+    encode_prompt,
+    end_of_turn_text,
+    left_pad_prompts,
+    position_ids_from_attention_mask,
+)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 64
+    """Hard cap on response length; a row that reaches it without EOS has `ended_with_eos = False`."""
+    temperature: float = 1.0
+    """Logits are divided by this before filtering and sampling (and the log-probs describe that distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches `top_p` (1 = off)."""
+    top_k: int = 0
+    """Keep only the `top_k` most likely tokens (0 = off)."""
+    do_sample: bool = True
+    """False: greedy (argmax of the filtered logits); log-probs are still those of the filtered distribution."""
+    seed: int | None = None
+    """Seed of a private generator for the draws (None: the global torch RNG)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationOutput:
+    """A batch of sampled responses. `P` = longest prompt, `T` = longest response."""
+
+    prompt_ids: torch.Tensor
+    """`[batch, P]` left-padded prompt ids."""
+    prompt_attention_mask: torch.Tensor
+    """`[batch, P]` 1 on real prompt tokens."""
+    response_ids: torch.Tensor
+    """`[batch, T]` sampled ids, right-padded with the pad id."""
+    response_mask: torch.Tensor
+    """`[batch, T]` 1 on sampled tokens including the EOS that ended the row, 0 after."""
+    logprobs: torch.Tensor
+    """`[batch, T]` float32 `log p(a_t | s_t)` under the sampling distribution; 0 where the mask is 0."""
+    ended_with_eos: torch.Tensor
+    """`[batch]` bool: the row stopped on an EOS (False: cut by `max_new_tokens`)."""
+    texts: list[str]
+    """Decoded responses, special tokens skipped."""
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """`[batch, V]` logits → float32 `logits / temperature` with tokens outside top-k / top-p set to -inf.
+
+    `log_softmax` of the result is the sampling distribution, renormalised over the kept tokens.
+    """
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        # Drop a token once the more likely ones already hold top_p of the mass; the first is always kept.
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer))}
+    configured = getattr(getattr(unwrap_peft(model), "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    config: SamplingConfig,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode from left-padded prompts `[batch, P]` with the KV cache.
+
+    `model` is a causal LM (peft-wrapped or not) — not the value-head wrapper. Returns `(response_ids,
+    response_mask, logprobs, ended_with_eos)` as in `GenerationOutput`, with `T` = steps actually taken.
+    """
+    device = prompt_ids.device
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    attention_mask = prompt_attention_mask.long()
+    prompt_positions = position_ids_from_attention_mask(attention_mask)  # [batch, P]
+    # Only the last position's logits are needed: skip the [batch, P, V] projection of the prompt.
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attention_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    positions = prompt_positions[:, -1:]  # [batch, 1], advanced by one per generated token
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+    tokens, masks, logprobs = [], [], []
+    for _ in range(config.max_new_tokens):
+        logits = filter_logits(out.logits[:, -1], config.temperature, config.top_k, config.top_p)  # [batch, V]
+        log_p = logits.log_softmax(-1)
+        if config.do_sample:
+            token = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            token = logits.argmax(-1)
+        alive = ~finished
+        tokens.append(torch.where(alive, token, torch.full_like(token, pad_token_id)))
+        masks.append(alive.long())
+        chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
+        logprobs.append(torch.where(alive, chosen, torch.zeros_like(chosen)))
+        finished = finished | (alive & torch.isin(token, eos))
+        if finished.all():
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        positions = positions + 1
+        out = model(
+            input_ids=tokens[-1][:, None],
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Conversation],
+    config: SamplingConfig,
+    max_prompt_len: int | None = None,
+) -> GenerationOutput:
+    """Sample one response per prompt (strings or message lists, rendered by `tokenization.render_prompt`).
+
+    Works with a `PolicyWithValueHead` (its body generates) or any causal LM. The model runs in eval mode (no
+    dropout) and is put back in its previous mode afterwards.
+    """
+    body = model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(body.parameters()).device
+    prompt_ids, prompt_mask = left_pad_prompts([encode_prompt(tokenizer, p, max_prompt_len) for p in prompts], pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    was_training = body.training
+    body.eval()
+    try:
+        response_ids, response_mask, logprobs, ended = sample(
+            body, prompt_ids, prompt_mask, config, _eos_token_ids(body, tokenizer), pad_id
+        )
+    finally:
+        body.train(was_training)
+    texts = [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(response_ids, response_mask, strict=True)
+    ]
+    return GenerationOutput(
+        prompt_ids=prompt_ids,
+        prompt_attention_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        ended_with_eos=ended,
+        texts=texts,
+    )

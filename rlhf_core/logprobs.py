@@ -1,0 +1,130 @@
+"""Per-token and per-sequence log-probs of given response tokens under a model.
+
+Alignment. A causal LM's logits at position `t` predict token `t + 1`, so over a whole sequence `[batch, L]`
+the log-probs are `[batch, L - 1]`:
+
+    logprobs[:, t] = log π(input_ids[:, t + 1] | input_ids[:, :t + 1])      (column t scores token t + 1)
+
+and the matching mask is `response_mask[:, 1:]`. Over response tokens (`[batch, T]`, the convention of the
+trainers), with prompts of width `P` in front, response token `t` sits at sequence column `P + t`, its log-prob
+at column `P - 1 + t`, and the value of the state before it, `V(s_t)`, at hidden state `P - 1 + t`.
+
+Numerics: `log π(y) = z_y - logsumexp(z)` computed in float32 (bf16 logits lose too much over a 50k vocabulary).
+Temperature divides the logits first, so log-probs describe the same distribution the sampler drew from.
+Position ids come from the attention mask, so left- and right-padded batches give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhf_core.tokenization import position_ids_from_attention_mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Shifted per-token log-probs: `[batch, L, V]` logits and `[batch, L]` labels → `[batch, L - 1]` float32.
+
+    `out[:, t] = log softmax(logits[:, t] / temperature)[labels[:, t + 1]]`.
+    """
+    return gather_logprobs(logits[:, :-1], labels[:, 1:], temperature)
+
+
+def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Unshifted: `logits[..., V]` and `labels[...]` of the same leading shape → `log softmax(logits/τ)[label]`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    # z_y - logsumexp(z) equals log_softmax(z)[y] without materialising a second [batch, L, V] tensor.
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(logits [batch, L or logits_to_keep, V], values [batch, L] or None)` from a causal LM or a
+    `PolicyWithValueHead`; `logits_to_keep > 0` projects only the last positions onto the vocabulary."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_attention_mask(attention_mask),
+        logits_to_keep=logits_to_keep,
+    )
+    if isinstance(out, tuple):  # PolicyWithValueHead returns (logits, values) from one forward pass
+        return out[0], out[1]
+    return out.logits, None
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of every next token and the mask of those that are response tokens.
+
+    Inputs `[batch, L]` (any padding side). Returns `(logprobs, mask)`, both `[batch, L - 1]`: column `t` is
+    `log π(input_ids[:, t+1] | ≤ t)`, `mask = response_mask[:, 1:]`. The single helper every trainer uses.
+    """
+    logits, _ = _forward(model, input_ids, attention_mask)
+    return token_logprobs(logits, input_ids, temperature), response_mask[:, 1:]
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`log π(response | prompt) = Σ_t log π(a_t | s_t)` over response tokens: `[batch]` float32 (DPO's input)."""
+    logprobs, mask = response_logprobs(model, input_ids, attention_mask, response_mask, temperature)
+    return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(-1)
+
+
+@dataclass
+class ResponseForward:
+    """One forward pass over `prompt + response`, sliced to response coordinates `[batch, T]`.
+
+    `logprobs[:, t] = log π(a_t | s_t)` (float32, at the given temperature); `logits[:, t]` the temperature-scaled
+    float32 logits that produced it `[batch, T, V]` (for entropy); `values[:, t] = V(s_t)` when the model has a
+    value head, else None.
+    """
+
+    logprobs: torch.Tensor
+    logits: torch.Tensor
+    values: torch.Tensor | None
+
+
+def response_forward(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> ResponseForward:
+    """Score rollout responses: left-padded prompts `[batch, P]` + right-padded responses `[batch, T]`.
+
+    This is the PPO helper (policy log-probs and values in one forward, reference log-probs, entropy); the layout
+    is exactly that of `generation.GenerationOutput`. Response pads (mask 0) are excluded from attention.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    width = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_attention_mask, response_mask.to(prompt_attention_mask.dtype)], dim=1)
+    # The state before response token t ends at sequence column P - 1 + t: only the last T + 1 positions need
+    # logits (a [batch, P + T, V] float32 tensor would dominate memory for long prompts and large vocabularies).
+    logits, values = _forward(model, input_ids, attention_mask, logits_to_keep=response_ids.shape[1] + 1)
+    logits = logits[:, :-1].float() / temperature  # [batch, T, V]
+    logprobs = gather_logprobs(logits, response_ids)
+    return ResponseForward(
+        logprobs=logprobs,
+        logits=logits,
+        values=None if values is None else values[:, width - 1 : -1],
+    )

@@ -1,0 +1,25 @@
+"""Shared fixtures: one tiny tokenizer and one tiny model directory per test session (built offline).
+
+- `tiny_model_dir`: a Hugging Face model directory (tiny Llama, safetensors, tokenizer with a ChatML-like chat
+  template; pad `<|pad|>` != eos `<|im_end|>`). Treat it as read-only; copy it if a test must modify it.
+- `tiny_tokenizer`: the tokenizer loaded from that directory (shared, do not mutate; `copy.deepcopy` it first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf_core.tiny import create_tiny_base
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_base(tmp_path_factory.mktemp("tiny_base"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
