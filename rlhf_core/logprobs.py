@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlhf_core.tokenization import position_ids_from_attention_mask
@@ -82,8 +83,23 @@ def sequence_logprobs(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """`log π(response | prompt) = Σ_t log π(a_t | s_t)` over response tokens: `[batch]` float32 (DPO's input)."""
-    logprobs, mask = response_logprobs(model, input_ids, attention_mask, response_mask, temperature)
-    return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    width = input_ids.shape[1]
+    # Only positions from the earliest response token on need vocabulary logits: for DPO's long prompts the
+    # [batch, L, V] float32 tensor over prompt positions is most of the step's memory and a good part of its time.
+    has_response = response_mask.bool().any(dim=1)
+    first = torch.where(has_response, response_mask.int().argmax(dim=1), torch.zeros_like(has_response, dtype=torch.long))
+    keep = width - max(int(first.min().item()) - 1, 0)
+    logits, _ = _forward(model, input_ids, attention_mask, logits_to_keep=keep)
+    logits = logits[:, :-1].float()  # [batch, keep - 1, V]: column j predicts token width - keep + 1 + j
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = input_ids[:, width - keep + 1 :]
+    mask = response_mask[:, width - keep + 1 :].bool()
+    # cross_entropy's fused log-softmax + gather avoids a second [batch, keep, V] temporary.
+    logprobs = -F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [batch, keep - 1]
+    return torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum(-1)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
@@ -150,11 +151,12 @@ class PolicyWithValueHead(nn.Module):
         head.load_state_dict(state)
         return cls(body, value_head=head)
 
-    def save_pretrained(self, output_dir: str | Path) -> Path:
+    def save_pretrained(self, output_dir: str | Path, **_: Any) -> Path:
         """Write the causal LM in plain HF layout (safetensors) plus `value_head.safetensors`.
 
         A peft body is saved merged (a copy is merged, the live adapter is untouched), so the directory loads with
-        `AutoModelForCausalLM.from_pretrained` alone.
+        `AutoModelForCausalLM.from_pretrained` alone. Extra keyword arguments (`safe_serialization=…`, as HF's
+        `save_pretrained` takes) are accepted and ignored: this always writes safetensors.
         """
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -170,12 +172,38 @@ class PolicyWithValueHead(nn.Module):
 def load_reward_model(
     path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False, **kwargs: Any
 ) -> PreTrainedModel:
-    """A saved reward model: `AutoModelForSequenceClassification` with one label, safetensors only."""
+    """A saved reward model: `AutoModelForSequenceClassification` with one label, safetensors only.
+
+    A normalised reward model (`RewardConfig.normalize_rewards`) carries `score.bias` and `config.reward_offset`;
+    Llama-style classifiers build a bias-free `score` and would silently drop that bias, so the head is rebuilt
+    with one and the saved bias restored.
+    """
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
+    _restore_score_bias(model, Path(path))
     _ensure_pad_token_id(model)
     return model
+
+
+def _restore_score_bias(model: PreTrainedModel, path: Path) -> None:
+    offset = getattr(model.config, "reward_offset", None)
+    head = getattr(model, "score", None)
+    if offset is None or not isinstance(head, nn.Linear) or head.bias is not None:
+        return
+    bias = None
+    for shard in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with safe_open(str(shard), framework="pt") as f:
+            if "score.bias" in f.keys():
+                bias = f.get_tensor("score.bias")
+    if bias is None:  # saved by a tool that kept only the offset: the head had no bias before normalising
+        bias = torch.full((head.out_features,), -float(offset))
+    biased = nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
+                       device=head.weight.device)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(bias.to(biased.bias))
+    model.score = biased
 
 
 def reward_model_from_causal_lm(

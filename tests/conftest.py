@@ -10,9 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_core.tiny import create_tiny_base
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box extra threads only contend
+# (measured: ~10x slower steps under load); results do not depend on it.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,313 @@
+"""Direct preference optimisation: the policy starts from the SFT model and learns from preference pairs
+against a frozen reference (the SFT model), with no reward model and no sampling.
+
+    loss = mean_pairs ℓ(h),   h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+
+with ℓ from `rlhf_core.losses.dpo_loss` (sigmoid / ipo / hinge, optional label smoothing); log π(y|x) is the
+sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
+
+1. Reference log-probs are computed once, before training, in one pass over the train and eval pairs, and
+   cached in `output_dir/reference_logprobs.pt` (atomically written). A resumed run loads the cache instead of
+   recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
+   are deterministic either way). With LoRA the reference is the policy with adapters disabled; without LoRA a
+   frozen copy of the SFT model is loaded for that pass and freed before training.
+2. Each step, chosen and rejected responses of a micro-batch go through the policy in ONE forward pass
+   (`[2B, L]`, chosen rows first), then split.
+
+Implicit rewards r = β·(log π − log π_ref) are the metrics' "rewards": `dpo/chosen_rewards`,
+`dpo/rejected_rewards`, `dpo/reward_margin` = mean(r_w − r_l), `dpo/reward_accuracy` = mean(r_w > r_l).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf_core.callbacks import MetricLogger
+from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.losses import DPOLossType, dpo_loss
+from rlhf_core.models import disable_dropout
+from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response
+from rlhf_core.trainers.common import (
+    Stage,
+    TrainerConfig,
+    TrainResult,
+    apply_lora,
+    fit,
+    freeze,
+    make_accelerator,
+    reference_model,
+    save_final_model,
+    set_seed,
+    start_session,
+)
+
+REFERENCE_CACHE = "reference_logprobs.pt"
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainerConfig):
+    """DPO hyper-parameters (plus the shared `TrainerConfig` fields)."""
+
+    learning_rate: float = 5e-6
+    """Peak learning rate of AdamW (DPO wants a small one)."""
+    dpo_beta: float = 0.1
+    """β: strength of the implicit KL constraint to the reference (higher: stay closer)."""
+    loss_type: DPOLossType = "sigmoid"
+    """"sigmoid" (DPO), "ipo" or "hinge" (SLiC); see `rlhf_core.losses.dpo_loss`."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability ε ∈ [0, 0.5] that a label is flipped (sigmoid only)."""
+    max_prompt_len: int | None = 256
+    """Keep the last this-many prompt tokens (None: no limit)."""
+    max_response_len: int | None = 256
+    """Keep the first this-many tokens of each response (None: no limit)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
+        for name in ("max_prompt_len", "max_response_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One tokenised preference row and its reference log-probs (0.0 until computed)."""
+
+    chosen: EncodedPair
+    rejected: EncodedPair
+    ref_chosen_logps: float = 0.0
+    ref_rejected_logps: float = 0.0
+
+
+def encode_preferences(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], config: DPOConfig
+) -> list[PreferencePair]:
+    """`{"prompt", "chosen", "rejected"}` rows → tokenised pairs (the prompt encoded identically twice)."""
+
+    def encode(row: dict, response: object) -> EncodedPair:
+        return encode_prompt_response(
+            tokenizer, row["prompt"], response, config.max_prompt_len, config.max_response_len
+        )
+
+    return [PreferencePair(encode(row, row["chosen"]), encode(row, row["rejected"])) for row in rows]
+
+
+def collate_pairs(
+    pairs: Sequence[PreferencePair], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Chosen then rejected responses as one right-padded batch `[2B, L]`, plus `ref_chosen_logps` and
+    `ref_rejected_logps` `[B]`."""
+    batch = collate_right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float32)
+    batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float32)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def concatenated_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(chosen_logps, rejected_logps)`, each `[B]`: sequence log-probs from one forward over `[2B, L]`."""
+    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reference log-probs: one pass before training, cached
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(model_path: str | Path, pairs: Sequence[PreferencePair]) -> str:
+    """sha256 of the reference model's path and every token id of the pairs: a cache key for the pass."""
+    digest = hashlib.sha256(str(Path(model_path).resolve()).encode())
+    for p in pairs:
+        ids = (p.chosen.prompt_ids, p.chosen.response_ids, p.rejected.prompt_ids, p.rejected.response_ids)
+        digest.update(json.dumps(ids).encode())
+    return digest.hexdigest()
+
+
+def compute_reference_logps(
+    accelerator: Accelerator,
+    ref: torch.nn.Module,
+    pairs: Sequence[PreferencePair],
+    pad_id: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """`[N, 2]` float32 (chosen, rejected) sequence log-probs of all `pairs` under `ref` (already in eval mode
+    and under no_grad). Pairs are sharded over processes and gathered, so every process gets all N rows."""
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    found: list[tuple[int, float, float]] = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        chosen, rejected = concatenated_logps(
+            ref, collate_pairs([pairs[i] for i in chunk], pad_id, accelerator.device)
+        )
+        found.extend(zip(chunk, chosen.tolist(), rejected.tolist(), strict=True))
+    if accelerator.num_processes > 1:
+        found = gather_object(found)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    for i, c, r in found:
+        out[i, 0], out[i, 1] = c, r
+    return out
+
+
+def _load_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    return cache["logps"] if cache.get("fingerprint") == fingerprint else None
+
+
+def reference_logps(
+    accelerator: Accelerator,
+    policy: torch.nn.Module,
+    model_path: str | Path,
+    pairs: Sequence[PreferencePair],
+    pad_id: int,
+    config: DPOConfig,
+    output_dir: Path,
+) -> torch.Tensor:
+    """Cached `[N, 2]` reference log-probs of `pairs` (see the module docstring, step 1)."""
+    cache_path = output_dir / REFERENCE_CACHE
+    fingerprint = _fingerprint(model_path, pairs)
+    cached = _load_cache(cache_path, fingerprint)
+    if cached is not None:
+        return cached
+    frozen = None
+    if config.lora is None:
+        frozen = freeze(
+            disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+        )
+        frozen.to(accelerator.device)
+    with reference_model(policy, frozen) as ref:
+        logps = compute_reference_logps(
+            accelerator, ref, pairs, pad_id, config.eval_batch_size or config.batch_size
+        )
+    del frozen
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".tmp-{cache_path.name}")
+        torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
+        os.replace(tmp, cache_path)
+    accelerator.wait_for_everyone()
+    return logps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------------------
+
+
+def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
+    """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs."""
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = concatenated_logps(model, batch)
+        mean_loss, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen,
+            rejected,
+            batch["ref_chosen_logps"],
+            batch["ref_rejected_logps"],
+            config.dpo_beta,
+            config.loss_type,
+            config.label_smoothing,
+        )
+        n = chosen.shape[0]
+        sums = {
+            "loss": float(mean_loss.detach()) * n,
+            "count": float(n),
+            "tokens": float(batch["attention_mask"].sum()),
+            "chosen_rewards": float(chosen_rewards.sum()),
+            "rejected_rewards": float(rejected_rewards.sum()),
+            "reward_accuracy": float((chosen_rewards > rejected_rewards).sum()),
+            "chosen_logps": float(chosen.detach().sum()),
+            "rejected_logps": float(rejected.detach().sum()),
+        }
+        return mean_loss * n, sums
+
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["count"], 1.0)
+        metrics = {
+            k: sums[k] / n
+            for k in (
+                "loss",
+                "chosen_rewards",
+                "rejected_rewards",
+                "reward_accuracy",
+                "chosen_logps",
+                "rejected_logps",
+            )
+        }
+        metrics["reward_margin"] = metrics["chosen_rewards"] - metrics["rejected_rewards"]
+        return metrics
+
+    return Stage(
+        name="dpo",
+        collate=lambda pairs: collate_pairs(pairs, pad_id, device),
+        count=lambda batch: float(batch["ref_chosen_logps"].shape[0]),
+        loss=loss,
+        summarize=summarize,
+    )
+
+
+def _with_reference(pairs: list[PreferencePair], logps: torch.Tensor) -> list[PreferencePair]:
+    return [
+        PreferencePair(p.chosen, p.rejected, float(c), float(r))
+        for p, (c, r) in zip(pairs, logps.tolist(), strict=True)
+    ]
+
+
+def train_dpo(
+    config: DPOConfig,
+    sft_model_path: str | Path,
+    train_rows: Sequence[dict],
+    eval_rows: Sequence[dict],
+    output_dir: str | Path,
+    logger: MetricLogger | None = None,
+) -> TrainResult:
+    """Train a policy from the SFT model at `sft_model_path` on `{"prompt", "chosen", "rejected"}` rows;
+    resumes from the newest checkpoint in `output_dir`. Returns the final policy in `output_dir/model`.
+
+    Metrics (`dpo/` and `dpo/eval_`): loss, reward_margin, reward_accuracy, chosen_rewards, rejected_rewards,
+    chosen_logps, rejected_logps; plus grad_norm, learning_rate, tokens_per_sec, peak_memory_mb.
+    """
+    output_dir = Path(output_dir)
+    set_seed(config.seed)
+    accelerator = make_accelerator(config)
+    tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32))
+    if config.lora is not None:
+        model = apply_lora(model, config.lora)
+    model.to(accelerator.device)
+
+    train_pairs = encode_preferences(tokenizer, train_rows, config)
+    eval_pairs = encode_preferences(tokenizer, eval_rows, config)
+    logps = reference_logps(
+        accelerator, model, sft_model_path, train_pairs + eval_pairs, pad_id, config, output_dir
+    )
+    train_pairs = _with_reference(train_pairs, logps[: len(train_pairs)])
+    eval_pairs = _with_reference(eval_pairs, logps[len(train_pairs) :])
+
+    session = start_session(config, accelerator, model, output_dir, logger)
+    metrics = fit(session, dpo_stage(config, pad_id, accelerator.device), train_pairs, eval_pairs)
+    model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)
+    return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from_step=session.resumed_from_step)
