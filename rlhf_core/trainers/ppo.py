@@ -1,0 +1,648 @@
+"""PPO for RLHF: the actor-critic of the teaching guide, trained against a frozen reward model with a KL penalty
+to a frozen reference (the SFT model).
+
+    for iteration in range(max_steps):
+        # outer loop: experience (rlhf_core.experience.make_experience)
+        prompts  ← next rollout_batch_size prompts
+        y ~ π_old(·|x)  with log π_old(a_t|s_t);   V_old(s_t);   log π_ref(a_t|s_t);   score = RM(x, y)
+        R_t = −β·KL_t + 1[t = last]·shape(score);   A_t, returns_t = GAE(R, V_old)
+        # inner loop
+        for epoch in range(ppo_epochs):
+            for minibatch in shuffle(experience):
+                loss = policy_loss(ρ, Â) + vf_coef·value_loss(V, returns) − ent_coef·entropy
+                step AdamW (gradient clipped)
+        β ← KL controller(KL measured in the rollout)
+
+`loss = −L_clip + c1·L_vf − c2·S` (`losses.ppo_total_loss`); Â = whitened advantages.
+
+Models. The actor-critic is one module whose forward returns `(logits, values)`:
+- `critic="shared"` (default): `PolicyWithValueHead`, one body with an LM head and a scalar value head;
+- `critic="separate"`: `PolicyAndCritic`, the policy plus a critic initialised from the reward model (its
+  score head read at every position gives V(s_t)).
+The reward model and the reference are frozen; with LoRA the reference is the policy with adapters disabled.
+Dropout is off in every model (PITFALLS 6).
+
+Batch sizes. `rollout_batch_size` prompts per iteration (over all processes); one optimizer update consumes a
+minibatch of `batch_size × grad_accum_steps × num_processes` rollouts (each process its share, `batch_size` per
+forward), so an epoch is `rollout_batch_size / minibatch` updates. `max_steps`, `checkpoint_every`, `log_every`,
+`eval_every` and the learning-rate schedule count iterations.
+
+Resume. A checkpoint (every `checkpoint_every` iterations) holds the actor-critic, optimizer, scheduler, RNG
+and, in `trainer_state.json`, the iteration, the prompt-stream position, the KL controller and the score
+moments. Sampling and minibatch shuffles draw from generators seeded by `(seed, iteration, process)`, so a
+resumed run follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf_core.callbacks import MetricLogger
+from rlhf_core.experience import (
+    Experience,
+    ExperienceConfig,
+    KLEstimator,
+    RunningMoments,
+    ScoreNorm,
+    experience_metrics,
+    make_experience,
+    reference_logprobs,
+    score_responses,
+    sequence_kl,
+)
+from rlhf_core.generation import generate
+from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
+from rlhf_core.logprobs import response_forward
+from rlhf_core.losses import entropy_from_logits, ppo_policy_loss, ppo_total_loss, value_loss, whiten
+from rlhf_core.models import (
+    PolicyWithValueHead,
+    disable_dropout,
+    load_reward_model,
+    score_sequences,
+)
+from rlhf_core.tokenization import (
+    collate_right_padded,
+    encode_prompt_response,
+    position_ids_from_attention_mask,
+)
+from rlhf_core.trainers.common import (
+    MODEL_DIRNAME,
+    EpochPermutationSampler,
+    Session,
+    TrainerConfig,
+    TrainResult,
+    TrainState,
+    all_reduce_sum,
+    apply_lora,
+    backward_normalized,
+    ensure_finite,
+    freeze,
+    is_peft_model,
+    make_accelerator,
+    maybe_checkpoint,
+    peak_memory_mb,
+    progress_bar,
+    set_seed,
+    start_session,
+)
+
+CriticKind = Literal["shared", "separate"]
+
+
+@dataclass(frozen=True)
+class PPOConfig(TrainerConfig):
+    """PPO hyper-parameters (plus the shared `TrainerConfig` fields; `max_steps` counts PPO iterations)."""
+
+    max_steps: int = 100
+    """Number of PPO iterations (one rollout batch + `ppo_epochs` of updates each)."""
+    batch_size: int = 8
+    """Rollouts per forward/backward pass of the inner loop on one process (the micro-batch)."""
+    learning_rate: float = 1e-5
+    """Peak learning rate of AdamW (actor and critic)."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per iteration, over all processes."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    clip_eps: float = 0.2
+    """ε of the clipped surrogate: the ratio π/π_old is clipped to [1 − ε, 1 + ε]."""
+    vf_coef: float = 0.1
+    """c1: weight of the value loss in the total loss."""
+    value_clip_range: float | None = 0.2
+    """Clip V − V_old to ±this in the value loss (None: plain squared error)."""
+    ent_coef: float = 0.0
+    """c2: weight of the entropy bonus."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0 / std 1 over the rollout's valid tokens before the updates."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    gae_lambda: float = 0.95
+    """λ of GAE."""
+    kl_coef: float = 0.05
+    """β of the KL penalty (initial value when `target_kl` is set)."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL estimator of the penalty: "k1" or "k3" (see `losses.kl_penalized_rewards`)."""
+    target_kl: float | None = None
+    """Adaptive KL control towards this per-response KL (None: β stays at `kl_coef`)."""
+    kl_horizon: float = 10000.0
+    """Horizon (in episodes) of the adaptive KL controller."""
+    max_new_tokens: int = 64
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the losses use the same tempered distribution)."""
+    max_prompt_len: int | None = 256
+    """Keep the last this-many prompt tokens (None: no limit)."""
+    missing_eos_score: float | None = -1.0
+    """Score that replaces the RM's for a response without EOS (None: no penalty)."""
+    score_norm: ScoreNorm = "none"
+    """Running normalisation of RM scores: "none", "std" (s/σ) or "mean_std" ((s − μ)/σ)."""
+    score_clip: float | None = None
+    """Clip the normalised score to ±this (None: no clipping)."""
+    critic: CriticKind = "shared"
+    """"shared": value head on the policy body; "separate": a critic initialised from the reward model."""
+    value_warmup_iterations: int = 0
+    """First iterations that update only the critic (value head, or the separate critic); the policy waits."""
+    min_reward_model_accuracy: float = 0.55
+    """Held-out pairwise accuracy below which the reward model counts as at chance (PITFALLS 2)."""
+    weak_reward_model: Literal["raise", "warn"] = "raise"
+    """What to do with a reward model below `min_reward_model_accuracy`: refuse to start, or warn."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.experience_config()  # validates the rollout fields
+        minibatch = self.batch_size * self.grad_accum_steps
+        if self.rollout_batch_size <= 0 or self.rollout_batch_size % minibatch:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a positive multiple of "
+                             f"batch_size × grad_accum_steps ({minibatch})")
+        if self.ppo_epochs <= 0 or not self.clip_eps > 0 or self.vf_coef < 0 or self.ent_coef < 0:
+            raise ValueError("need ppo_epochs > 0, clip_eps > 0, vf_coef >= 0 and ent_coef >= 0")
+        if self.value_clip_range is not None and not self.value_clip_range > 0:
+            raise ValueError(f"value_clip_range must be > 0 or None, got {self.value_clip_range}")
+        if self.kl_coef < 0 or (self.target_kl is not None and (self.target_kl <= 0 or self.kl_coef <= 0)):
+            raise ValueError("need kl_coef >= 0, and target_kl > 0 with kl_coef > 0 for adaptive control")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}")
+        if self.value_warmup_iterations < 0 or self.weak_reward_model not in ("raise", "warn"):
+            raise ValueError("need value_warmup_iterations >= 0 and weak_reward_model in ('raise', 'warn')")
+
+    def experience_config(self) -> ExperienceConfig:
+        return ExperienceConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_prompt_len=self.max_prompt_len,
+            kl_estimator=self.kl_estimator, gamma=self.gamma, gae_lambda=self.gae_lambda,
+            missing_eos_score=self.missing_eos_score, score_norm=self.score_norm, score_clip=self.score_clip,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PolicyAndCritic(nn.Module):
+    """Actor and critic with separate bodies: the policy LM and a critic that starts as the reward model.
+
+    The critic's score head is read at every position, `V(s) = w·h_s (+ b)`, so at the last token it starts out
+    equal to the RM score — a better initial value estimate than a fresh head.
+    """
+
+    def __init__(self, pretrained_model: nn.Module, critic: nn.Module) -> None:
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        self.critic = critic
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits [batch, L, V], values [batch, L] float32)`, as `PolicyWithValueHead.forward` (logits of the
+        last `logits_to_keep` positions only when > 0)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        logits = self.pretrained_model(**inputs, logits_to_keep=logits_to_keep).logits
+        # The backbone alone: the classifier's own forward would pool one position per row.
+        hidden = self.critic.base_model(**inputs).last_hidden_state  # [batch, L, hidden], after the final norm
+        values = self.critic.score(hidden).squeeze(-1).float()
+        return logits, values
+
+    def save_pretrained(self, output_dir: str | Path) -> Path:
+        """The policy in plain HF causal-LM layout (LoRA merged into a copy) and the critic in `critic/`."""
+        out = Path(output_dir)
+        body = self.pretrained_model
+        if is_peft_model(body):
+            body = copy.deepcopy(body).merge_and_unload()  # the live adapters stay
+        body.save_pretrained(out, safe_serialization=True)
+        self.critic.save_pretrained(out / "critic", safe_serialization=True)
+        return out
+
+
+def build_actor_critic(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path) -> nn.Module:
+    """The trained module: the SFT policy (with LoRA adapters if configured) and its critic (see the module
+    docstring), dropout off, float32 master weights."""
+    actor = disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32))
+    if config.lora is not None:
+        actor = apply_lora(actor, config.lora)
+    if config.critic == "shared":
+        return PolicyWithValueHead(actor, seed=config.seed)
+    critic = disable_dropout(load_reward_model(reward_model_path, dtype=torch.float32))
+    return PolicyAndCritic(actor, critic)
+
+
+def critic_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that only the critic uses (value head, or the separate critic's whole body)."""
+    critic = model.value_head if isinstance(model, PolicyWithValueHead) else model.critic
+    return list(critic.parameters())
+
+
+def make_kl_controller(config: PPOConfig) -> KLController:
+    if config.target_kl is None:
+        return FixedKLController(config.kl_coef)
+    return AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward-model guard (PITFALLS 2)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reward_model_accuracy(
+    reward_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[dict],
+    batch_size: int = 16,
+    max_prompt_len: int | None = None,
+) -> float:
+    """Pairwise accuracy of the RM on `{"prompt", "chosen", "rejected"}` rows: the share of pairs with
+    r(chosen) > r(rejected) (a tie counts as wrong, as in `losses.bradley_terry_loss`)."""
+    if not pairs:
+        raise ValueError("need at least one pair to measure reward-model accuracy")
+    device = next(reward_model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        rows = list(pairs)[start : start + batch_size]
+        encoded = [encode_prompt_response(tokenizer, r["prompt"], r[k], max_prompt_len) for k in ("chosen",
+                   "rejected") for r in rows]
+        batch = collate_right_padded(encoded, pad_id)
+        scores = score_sequences(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        correct += int((scores[: len(rows)] > scores[len(rows) :]).sum())
+    return correct / len(pairs)
+
+
+def check_reward_model(
+    config: PPOConfig,
+    reward_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    accuracy: float | None,
+    eval_pairs: Sequence[dict] | None,
+) -> float | None:
+    """Refuse (or warn about, per `config.weak_reward_model`) a reward model at chance; returns the held-out
+    accuracy used (measured on `eval_pairs` when not given), None when neither is available (warns)."""
+    if accuracy is None and eval_pairs:
+        accuracy = reward_model_accuracy(reward_model, tokenizer, eval_pairs, max_prompt_len=config.max_prompt_len)
+    if accuracy is None:
+        warnings.warn("PPO starts without a held-out accuracy of the reward model: an RM at chance makes PPO "
+                      "optimise noise. Pass reward_model_eval_accuracy or reward_model_eval_pairs.", stacklevel=3)
+        return None
+    if accuracy < config.min_reward_model_accuracy:
+        message = (f"reward model held-out accuracy {accuracy:.3f} is below min_reward_model_accuracy="
+                   f"{config.min_reward_model_accuracy}: PPO against an RM at chance optimises noise "
+                   "(train the RM longer or on more data)")
+        if config.weak_reward_model == "raise":
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+    return accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The inner loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def iteration_seed(seed: int, iteration: int, process_index: int, purpose: int) -> int:
+    """A 63-bit seed for one use (`purpose`: 0 sampling, 1 shuffling, 2 evaluation) in one iteration of one
+    process: a pure function of its arguments, which is what makes resume exact."""
+    state = np.random.SeedSequence([seed, iteration, process_index, purpose]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def ppo_losses(
+    model: nn.Module, minibatch: Experience, config: PPOConfig, critic_only: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss of one micro-batch (a token mean) and its detached diagnostics.
+
+    `loss = policy_loss + vf_coef·value_loss − ent_coef·entropy`; during the value warm-up (`critic_only`)
+    `loss = vf_coef·value_loss`. Every diagnostic is computed either way, so metric names never change.
+    """
+    mb, mask = minibatch, minibatch.response_mask
+    out = response_forward(model, mb.prompt_ids, mb.prompt_attention_mask, mb.response_ids, mask,
+                           config.temperature)
+    policy_loss, policy_stats = ppo_policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mask, config.clip_eps)
+    critic_loss, critic_stats = value_loss(out.values, mb.old_values, mb.returns, mask, config.value_clip_range)
+    entropy = entropy_from_logits(out.logits, mask)
+    if critic_only:
+        loss = config.vf_coef * critic_loss
+    else:
+        loss = ppo_total_loss(policy_loss, critic_loss, entropy, config.vf_coef, config.ent_coef)
+    stats = {
+        "loss": float(loss.detach()),
+        "policy_loss": float(policy_loss.detach()),
+        "value_loss": float(critic_loss.detach()),
+        "entropy": float(entropy.detach()),
+        "clip_fraction": float(policy_stats.clip_frac),
+        "approx_kl": float(policy_stats.approx_kl),
+        "ratio_mean": float(policy_stats.ratio_mean),
+        "value_clip_fraction": float(critic_stats.clip_frac),
+    }
+    return loss, stats
+
+
+def apply_gradients(session: Session) -> float:
+    """Clip the accumulated gradient, stop on a non-finite norm, step AdamW and clear; returns ‖g‖ before
+    clipping. (Unlike `common.optimizer_step` it does not advance the schedule: PPO steps it per iteration.)"""
+    accelerator, config = session.accelerator, session.config
+    params = [p for p in session.model.parameters() if p.requires_grad]
+    max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    if accelerator.scaler is None:
+        ensure_finite(session, grad_norm, "gradient norm")
+    session.optimizer.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def minibatch_update(
+    session: Session, experience: Experience, indices: torch.Tensor, config: PPOConfig, critic_only: bool
+) -> dict[str, float]:
+    """One optimizer update on the rows `indices`: `grad_accum_steps` micro-batches of `batch_size`, the loss a
+    token mean over the whole minibatch (all processes). Returns token-weighted mean diagnostics."""
+    accelerator = session.accelerator
+    micro_batches = [experience.select(chunk) for chunk in indices.split(config.batch_size)]
+    local_tokens = float(sum(float(mb.response_mask.sum()) for mb in micro_batches))
+    global_tokens = all_reduce_sum(accelerator, {"n": local_tokens})["n"]
+    sums: dict[str, float] = {}
+    for mb in micro_batches:
+        n_tokens = float(mb.response_mask.sum())
+        with accelerator.accumulate(session.model):
+            loss, stats = ppo_losses(session.model, mb, config, critic_only)
+            backward_normalized(session, loss * n_tokens, global_tokens)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value * n_tokens
+    sums = all_reduce_sum(accelerator, sums)
+    metrics = {key: value / max(global_tokens, 1.0) for key, value in sums.items()}
+    ensure_finite(session, metrics["loss"], "loss")
+    if critic_only:
+        # The shared body got value-loss gradients too; dropping them leaves AdamW to update the critic only.
+        keep = {id(p) for p in critic_parameters(session.unwrapped)}
+        for p in session.model.parameters():
+            if id(p) not in keep:
+                p.grad = None
+    metrics["grad_norm"] = apply_gradients(session)
+    return metrics
+
+
+def ppo_update(
+    session: Session, experience: Experience, config: PPOConfig, seed: int, critic_only: bool
+) -> dict[str, float]:
+    """The inner loop: `ppo_epochs` passes over the experience in shuffled minibatches. Advantages are whitened
+    once over the whole rollout (PITFALLS 10). Returns the diagnostics averaged over all updates."""
+    if config.whiten_advantages:
+        experience = replace(experience, advantages=whiten(experience.advantages, experience.response_mask))
+    rows_per_update = config.batch_size * config.grad_accum_steps
+    generator = torch.Generator().manual_seed(seed)
+    session.model.train()  # dropout is disabled in every config, so train mode changes no number
+    totals: dict[str, float] = {}
+    updates = 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(experience), generator=generator)
+        for indices in order.split(rows_per_update):
+            for key, value in minibatch_update(session, experience, indices, config, critic_only).items():
+                totals[key] = totals.get(key, 0.0) + value
+            updates += 1
+    return {key: value / updates for key, value in totals.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation during training, metrics, final save
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate_on_prompts(
+    session: Session,
+    reference: nn.Module | None,
+    reward_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    config: PPOConfig,
+) -> dict[str, float]:
+    """RM score, per-response KL to the reference, length and no-EOS share of the current policy on held-out
+    prompts (the same sampling seed at every evaluation, so evaluations compare), as `ppo/eval_*`."""
+    accelerator = session.accelerator
+    actor = session.unwrapped.pretrained_model
+    xcfg = config.experience_config()
+    shard = list(prompts)[accelerator.process_index :: accelerator.num_processes]
+    sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "no_eos": 0.0, "count": 0.0}
+    for i, chunk in enumerate(_batches(shard, config.eval_batch_size or config.batch_size)):
+        rollout = generate(actor, tokenizer, chunk, xcfg.sampling(iteration_seed(config.seed, i, accelerator.
+                           process_index, 2)), max_prompt_len=config.max_prompt_len)
+        ref = reference_logprobs(actor, reference, rollout, config.temperature)
+        sums["score"] += float(score_responses(reward_model, rollout).sum())
+        sums["kl"] += float(sequence_kl(rollout.logprobs - ref, rollout.response_mask).sum())
+        sums["length"] += float(rollout.response_mask.sum())
+        sums["no_eos"] += float((~rollout.ended_with_eos).sum())
+        sums["count"] += len(chunk)
+    sums = all_reduce_sum(accelerator, sums)
+    n = max(sums["count"], 1.0)
+    return {"ppo/eval_score_mean": sums["score"] / n, "ppo/eval_kl": sums["kl"] / n,
+            "ppo/eval_response_length": sums["length"] / n, "ppo/eval_no_eos_fraction": sums["no_eos"] / n}
+
+
+def mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Average per-process metrics (every process holds the same number of rollouts)."""
+    summed = all_reduce_sum(accelerator, metrics)
+    return {key: value / accelerator.num_processes for key, value in summed.items()}
+
+
+def save_policy(accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                output_dir: Path) -> Path:
+    """Write the final policy to `output_dir/model` atomically (temporary dir, then rename): HF causal-LM layout
+    (LoRA merged) + the value head file or the critic + the tokenizer. (`common.save_final_model` passes
+    `safe_serialization=` to `save_pretrained`, which the value-head wrapper does not take.)"""
+    final = output_dir / MODEL_DIRNAME
+    tmp = final.with_name(f".tmp-{MODEL_DIRNAME}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        old = final.with_name(f".old-{MODEL_DIRNAME}")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _restore_extras(state: TrainState, kl_controller: KLController, moments: RunningMoments) -> None:
+    if "kl_controller" in state.extra:
+        kl_controller.load_state_dict(state.extra["kl_controller"])
+    if "score_moments" in state.extra:
+        moments.load_state_dict(state.extra["score_moments"])
+
+
+@dataclass
+class PPOModels:
+    """The four models of PPO. Only `actor_critic` is trained."""
+
+    tokenizer: PreTrainedTokenizerBase
+    """The SFT model's tokenizer (the reward model must share its vocabulary and chat template)."""
+    actor_critic: nn.Module
+    """`PolicyWithValueHead` or `PolicyAndCritic`: forward → `(logits, values)`; `.pretrained_model` samples."""
+    reference: nn.Module | None
+    """Frozen π_ref (the SFT model); None with LoRA: the policy with its adapters disabled."""
+    reward_model: nn.Module
+    """Frozen `AutoModelForSequenceClassification` with one label."""
+
+
+def _load_frozen(path: str | Path, reward: bool) -> nn.Module:
+    model = load_reward_model(path, dtype=torch.float32) if reward else AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32)
+    return freeze(disable_dropout(model))
+
+
+def load_ppo_models(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path) -> PPOModels:
+    """Load the tokenizer, the actor-critic to train, the frozen reference and the frozen reward model (all
+    float32 on CPU, dropout off; the trainer moves them to its device). Seeds the global RNG (LoRA init)."""
+    set_seed(config.seed)
+    return PPOModels(
+        tokenizer=AutoTokenizer.from_pretrained(sft_model_path),
+        actor_critic=build_actor_critic(config, sft_model_path, reward_model_path),
+        reference=None if config.lora is not None else _load_frozen(sft_model_path, reward=False),
+        reward_model=_load_frozen(reward_model_path, reward=True),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_ppo(
+    config: PPOConfig,
+    sft_model_path: str | Path,
+    reward_model_path: str | Path,
+    prompt_rows: Sequence[dict],
+    output_dir: str | Path,
+    logger: MetricLogger | None = None,
+    eval_prompt_rows: Sequence[dict] | None = None,
+    reward_model_eval_accuracy: float | None = None,
+    reward_model_eval_pairs: Sequence[dict] | None = None,
+) -> TrainResult:
+    """Train the SFT policy at `sft_model_path` with PPO against the reward model at `reward_model_path` on
+    `{"prompt"}` rows; resumes from the newest checkpoint in `output_dir`. See `run_ppo`."""
+    models = load_ppo_models(config, sft_model_path, reward_model_path)
+    return run_ppo(config, models, prompt_rows, output_dir, logger, eval_prompt_rows, reward_model_eval_accuracy,
+                   reward_model_eval_pairs)
+
+
+def run_ppo(
+    config: PPOConfig,
+    models: PPOModels,
+    prompt_rows: Sequence[dict],
+    output_dir: str | Path,
+    logger: MetricLogger | None = None,
+    eval_prompt_rows: Sequence[dict] | None = None,
+    reward_model_eval_accuracy: float | None = None,
+    reward_model_eval_pairs: Sequence[dict] | None = None,
+) -> TrainResult:
+    """PPO on loaded `models` (see `load_ppo_models`); resumes from the newest checkpoint in `output_dir`.
+
+    The RM is checked first (PITFALLS 2): `reward_model_eval_accuracy`, else its accuracy on
+    `reward_model_eval_pairs` (`{"prompt", "chosen", "rejected"}`), must reach `min_reward_model_accuracy`.
+    Metrics per iteration (`ppo/`): score_mean, kl, kl_coef, entropy, clip_fraction, approx_kl, policy_loss,
+    value_loss, value_clip_fraction, explained_variance, response_length, no_eos_fraction, distinct_2,
+    reward_mean, tokens_per_sec, episodes_per_sec, peak_memory_mb (+ score_std, shaped_score_mean, value_mean,
+    return_mean, ratio_mean, loss, grad_norm, learning_rate, critic_warmup); `ppo/eval_*` on `eval_prompt_rows`.
+    `kl` is the mean over responses of Σ_t KL_t (the penalty's estimator); `tokens_per_sec` counts sampled
+    response tokens per second of the whole iteration (rollout and update). Returns the final policy in
+    `output_dir/model` (loads with `AutoModelForCausalLM.from_pretrained`).
+    """
+    output_dir = Path(output_dir)
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    if config.rollout_batch_size % (config.batch_size * config.grad_accum_steps * accelerator.num_processes):
+        raise ValueError("rollout_batch_size must be a multiple of batch_size × grad_accum_steps × num_processes")
+    tokenizer, reference = models.tokenizer, models.reference
+    reward_model = models.reward_model.to(device)
+    rm_accuracy = check_reward_model(config, reward_model, tokenizer, reward_model_eval_accuracy,
+                                     reward_model_eval_pairs)
+    if reference is not None:
+        reference.to(device)
+    kl_controller, moments = make_kl_controller(config), RunningMoments()
+    session = start_session(config, accelerator, models.actor_critic.to(device), output_dir, logger)
+    state = session.state
+    _restore_extras(state, kl_controller, moments)
+    if rm_accuracy is not None:
+        session.log({"ppo/rm_eval_accuracy": rm_accuracy})
+
+    prompts = [row["prompt"] for row in prompt_rows]
+    eval_prompts = [row["prompt"] for row in eval_prompt_rows or []]
+    sampler = EpochPermutationSampler(len(prompts), config.seed)
+    xcfg, rank = config.experience_config(), accelerator.process_index
+    bar = progress_bar(config.max_steps, state.step, "ppo", config.progress_bar and accelerator.is_main_process)
+    last: dict[str, float] = {}
+    while state.step < config.max_steps:
+        iteration, started = state.step, time.perf_counter()
+        kl_coef = kl_controller.value
+        # 1. Outer loop: rollout → score → KL-penalised rewards → GAE, with the current policy.
+        indices, state.position = sampler.take(state.position, config.rollout_batch_size)
+        batch_prompts = [prompts[i] for i in indices[rank :: accelerator.num_processes]]
+        experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, reference,
+                                     reward_model, tokenizer, batch_prompts, xcfg, kl_coef, moments,
+                                     seed=iteration_seed(config.seed, iteration, rank, 0))
+        rollout = mean_over_processes(accelerator, experience_metrics(experience))
+        ensure_finite(session, rollout["score_mean"], "reward-model score")
+        # 2. Inner loop: ppo_epochs × minibatches of clipped updates (the critic alone during warm-up).
+        critic_only = iteration < config.value_warmup_iterations
+        update = ppo_update(session, experience, config, iteration_seed(config.seed, iteration, rank, 1),
+                            critic_only)
+        # 3. Adapt β to the measured KL, advance the learning-rate schedule, count the iteration.
+        kl_controller.update(rollout["kl"], n_steps=config.rollout_batch_size)
+        learning_rate = session.scheduler.get_last_lr()[0]
+        session.scheduler.step()
+        state.step += 1
+        state.extra = {"kl_controller": kl_controller.state_dict(), "score_moments": moments.state_dict()}
+        # 4. Checkpoint, log, evaluate.
+        maybe_checkpoint(session)
+        elapsed = time.perf_counter() - started
+        tokens = all_reduce_sum(accelerator, {"t": float(experience.response_mask.sum())})["t"]
+        metrics = {f"ppo/{k}": v for k, v in {**rollout, **update}.items()}
+        metrics.update({
+            "ppo/kl_coef": kl_coef, "ppo/learning_rate": learning_rate, "ppo/critic_warmup": float(critic_only),
+            "ppo/tokens_per_sec": tokens / elapsed, "ppo/episodes_per_sec": config.rollout_batch_size / elapsed,
+            "ppo/peak_memory_mb": peak_memory_mb(device),
+        })
+        bar.update(1)
+        bar.set_postfix({"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
+        done = state.step == config.max_steps
+        if state.step % config.log_every == 0 or done:
+            session.log(metrics)
+            last = metrics
+        if eval_prompts and config.eval_every and state.step % config.eval_every == 0 and not done:
+            session.log(evaluate_on_prompts(session, reference, reward_model, tokenizer, eval_prompts, config))
+    bar.close()
+    final_eval = evaluate_on_prompts(session, reference, reward_model, tokenizer, eval_prompts, config) \
+        if eval_prompts else {}
+    if final_eval:
+        session.log(final_eval)
+    model_dir = save_policy(accelerator, session.model, tokenizer, output_dir)
+    return TrainResult(model_dir=model_dir, metrics={**last, **final_eval},
+                       resumed_from_step=session.resumed_from_step)
