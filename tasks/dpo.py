@@ -1,0 +1,39 @@
+"""Prefect task: DPO of the SFT model on the validated preference pairs (the SFT model is the reference)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rlhf_core.trainers.dpo import train_dpo
+from tasks.pointers import DataRef, StagePointer
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+
+DATA = ("preference_train", "preference_eval")
+CURVES = ("dpo/loss", "dpo/reward_margin", "dpo/reward_accuracy", "dpo/chosen_rewards", "dpo/rejected_rewards")
+
+
+def preference_pairs(ref: DataRef) -> list[dict]:
+    """The rows as `{"prompt", "chosen", "rejected"}` pairs (rankings expanded by `schemas.ranking_to_pairs`)."""
+    rows = read_rows(ref)
+    if ref.kind != "ranking":
+        return rows
+    from schemas import ranking_to_pairs
+
+    return list(ranking_to_pairs(rows))
+
+
+@task(name="dpo", cache_policy=NO_CACHE, persist_result=False)
+def dpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer) -> StagePointer:
+    """Train the DPO policy from the SFT model; returns the policy pointer."""
+    data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}
+
+    def execute(run: StageRun) -> StageOutcome:
+        eval_rows = preference_pairs(data["preference_eval"]) if "preference_eval" in data else []
+        result = train_dpo(env.config.dpo, sft.model_dir, preference_pairs(data["preference_train"]), eval_rows,
+                           run.output_dir, run.logger)
+        return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
+                            resumed_from_step=result.resumed_from_step, curves=CURVES)
+
+    return run_stage(env, "dpo", stage_config=env.config.dpo, data=data, upstream={"sft": sft},
+                     lineage={"validate": validated, "reference": sft}, execute=execute)

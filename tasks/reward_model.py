@@ -1,0 +1,35 @@
+"""Prefect task: the reward model, initialised from the SFT model, trained on the validated comparisons."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rlhf_core.trainers.reward import train_reward_model
+from tasks.pointers import StagePointer
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+
+DATA = ("preference_train", "preference_eval")
+CURVES = ("rm/loss", "rm/accuracy", "rm/reward_margin", "rm/eval_accuracy")
+
+
+@task(name="reward_model", cache_policy=NO_CACHE, persist_result=False)
+def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
+                      collected: StagePointer | None = None) -> StagePointer:
+    """Train the RM from the SFT model on preference (or ranking) rows — the validated `datasets.preferences`,
+    or the rankings of the `collect` stage when `collected` is given; returns the RM pointer."""
+    source = collected if collected is not None else validated
+    data = {name: source.datasets[name] for name in DATA if name in source.datasets}
+    if "preference_train" not in data:
+        raise ValueError("reward_model: no training comparisons (configure datasets.preferences or the collect stage)")
+    upstream = {"sft": sft} if collected is None else {"sft": sft, "collect": collected}
+
+    def execute(run: StageRun) -> StageOutcome:
+        eval_rows = read_rows(data["preference_eval"]) if "preference_eval" in data else []
+        result = train_reward_model(env.config.reward_model, sft.model_dir, read_rows(data["preference_train"]),
+                                    eval_rows, run.output_dir, run.logger)
+        return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
+                            resumed_from_step=result.resumed_from_step, curves=CURVES)
+
+    return run_stage(env, "reward_model", stage_config=env.config.reward_model, data=data, upstream=upstream,
+                     lineage={"validate": validated}, execute=execute)

@@ -1,0 +1,30 @@
+"""Prefect task: supervised fine-tuning of the base model on the validated demonstrations."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rlhf_core.trainers.sft import train_sft
+from tasks.pointers import StagePointer
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+
+DATA = ("sft_train", "sft_eval")
+
+
+# NO_CACHE: caching is ours (tasks/caching.py), keyed on inputs and checked against MLflow.
+@task(name="sft", cache_policy=NO_CACHE, persist_result=False)
+def sft_task(env: StageEnv, validated: StagePointer, base: StagePointer) -> StagePointer:
+    """Train SFT from `base` on `sft_train` (eval loss on `sft_eval`); returns the SFT pointer."""
+    data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}
+
+    def execute(run: StageRun) -> StageOutcome:
+        eval_rows = read_rows(data["sft_eval"]) if "sft_eval" in data else []
+        result = train_sft(env.config.sft, base.model_dir, read_rows(data["sft_train"]), eval_rows,
+                           run.output_dir, run.logger)
+        return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
+                            resumed_from_step=result.resumed_from_step, curves=("sft/loss", "sft/eval_loss"))
+
+    return run_stage(env, "sft", stage_config=env.config.sft, data=data, upstream={"base": base},
+                     lineage={"validate": validated}, execute=execute,
+                     extra_tags={"rlhf.base_model": env.config.base_model})

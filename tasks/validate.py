@@ -1,0 +1,138 @@
+"""Prefect task: validate every configured dataset, split held-out rows, store them canonically, record digests.
+
+The validation itself always runs (it is what computes the digests every downstream cache key depends on); its
+MLflow run is reused when the digests and settings are unchanged. Invalid data stops the pipeline here, before any
+training: the report is written under `<work_dir>/reports/`, attached to the flow run as a Prefect markdown
+artifact and logged to a FAILED MLflow `validate` run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from schemas import DataValidationError, content_digest, load_rows, train_eval_split
+from tasks import tracking
+from tasks.pointers import DataRef, StagePointer
+from tasks.runner import StageEnv, StageOutcome, StageRun, run_stage
+
+if TYPE_CHECKING:
+    from flows.config import DatasetSource
+
+# config key → (row kind, names of the stored parts: (train, eval) for split datasets, (whole,) otherwise)
+LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demonstrations": ("demonstration", ("sft_train", "sft_eval")),
+    "preferences": ("preference", ("preference_train", "preference_eval")),
+    "prompts_train": ("prompt", ("prompts_train",)),
+    "prompts_eval": ("prompt", ("prompts_eval",)),
+}
+
+
+class DataValidationFailed(RuntimeError):
+    """Some dataset failed validation; `report_path` is the markdown report, `markdown` its text."""
+
+    def __init__(self, message: str, report_path: Path, markdown: str) -> None:
+        super().__init__(message)
+        self.report_path = report_path
+        self.markdown = markdown
+
+
+def store_rows(work_dir: Path, name: str, kind: str, rows: list[dict], source: str) -> DataRef:
+    """Write `rows` as JSON lines to `<work_dir>/data/<name>-<digest>.jsonl` (content-addressed, atomic)."""
+    digest = content_digest(rows)
+    path = work_dir / "data" / f"{name}-{digest.rpartition(':')[2][:16]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return DataRef(name=name, kind=kind, digest=digest, path=str(path), source=source, num_rows=len(rows))
+
+
+def _load(source: DatasetSource, kind: str) -> list[dict]:
+    loaded = load_rows(source.path, kind, format=source.format, split=source.split)
+    rows = list(loaded.rows)
+    return rows[: source.limit] if source.limit is not None else rows
+
+
+def _report_markdown(failures: dict[str, DataValidationError]) -> str:
+    parts = ["# Data validation failed", ""]
+    for key, exc in failures.items():
+        report = exc.report
+        body = report.to_markdown() if hasattr(report, "to_markdown") else str(report)
+        parts += [f"## datasets.{key}", "", body, ""]
+    return "\n".join(parts)
+
+
+def _fail(env: StageEnv, failures: dict[str, DataValidationError]) -> None:
+    """Write and attach the report everywhere a user looks, then stop the flow."""
+    markdown = _report_markdown(failures)
+    report_dir = env.config.work_path() / "reports"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    path = report_dir / f"validation-{time.strftime('%Y%m%d-%H%M%S')}-{env.parent_run_id[:8]}.md"
+    path.write_text(markdown)
+    create_markdown_artifact(markdown=markdown, key="validation-report",
+                             description=f"Data validation failed: {', '.join(failures)}")
+    client = env.client
+    run = client.create_run(env.experiment_id, run_name="validate", tags={
+        "rlhf.kind": "stage", "rlhf.stage": "validate", "mlflow.parentRunId": env.parent_run_id,
+        "rlhf.pipeline": env.config.name, "rlhf.validation": "failed"})
+    tracking.log_text(client, run.info.run_id, markdown, "validation_report.md")
+    tracking.end_run(client, run.info.run_id, "FAILED")
+    tracking.set_tags(client, env.parent_run_id, {"rlhf.failed_stage": "validate",
+                                                  "rlhf.stage_run.validate": run.info.run_id})
+    raise DataValidationFailed(f"data validation failed for {', '.join(failures)}; report: {path}", path, markdown)
+
+
+def _summary(refs: dict[str, DataRef]) -> str:
+    lines = ["# Data validation passed", "", "| dataset | kind | rows | digest | source |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r.name} | {r.kind} | {r.num_rows} | `{r.digest}` | {r.source} |" for r in refs.values()]
+    return "\n".join(lines) + "\n"
+
+
+def validate_datasets(env: StageEnv) -> dict[str, DataRef]:
+    """Load and validate every configured dataset, split and store them; raises `DataValidationFailed`."""
+    cfg, work_dir = env.config, env.config.work_path()
+    refs: dict[str, DataRef] = {}
+    failures: dict[str, DataValidationError] = {}
+    for key, (kind, names) in LAYOUT.items():
+        source = getattr(cfg.datasets, key)
+        if source is None:
+            continue
+        kind = getattr(source, "kind", kind)
+        try:
+            rows = _load(source, kind)
+        except DataValidationError as exc:
+            failures[key] = exc
+            continue
+        if len(names) == 2 and cfg.datasets.eval_fraction > 0:
+            parts: tuple[list[dict], ...] = train_eval_split(rows, cfg.datasets.eval_fraction, seed=cfg.seed)
+        else:
+            parts = (rows,)
+        for name, part in zip(names, parts, strict=False):
+            refs[name] = store_rows(work_dir, name, kind, list(part), source.path)
+    if failures:
+        _fail(env, failures)
+    return refs
+
+
+@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+def validate_task(env: StageEnv) -> StagePointer:
+    """Validate the data; returns a pointer whose `datasets` every training stage reads."""
+    refs = validate_datasets(env)
+    settings: dict[str, Any] = {"datasets": env.config.datasets.model_dump(mode="json"), "seed": env.config.seed}
+
+    def execute(run: StageRun) -> StageOutcome:
+        tracking.log_text(run.client, run.run_id, _summary(refs), "validation_report.md")
+        return StageOutcome(datasets=refs, extra={"num_rows": {n: r.num_rows for n, r in refs.items()}})
+
+    return run_stage(env, "validate", stage_config=settings, data=refs, upstream={}, execute=execute)
