@@ -1,0 +1,664 @@
+"""The `rlhf` command line: run the pipeline, check data, talk to a model, trace where a model came from.
+
+    rlhf run configs/quickstart.yaml --set dpo.max_steps=20     # the whole DAG, progress per stage
+    rlhf validate data/support_bot/preferences.jsonl --kind preference
+    rlhf generate models:/rlhf-policy@champion --prompt "My parcel is late"
+    rlhf chat runs:/<run id>/model
+    rlhf lineage models:/rlhf-policy@candidate [--json]
+    rlhf ui                                                     # MLflow UI on the local store
+    rlhf label runs/collect/<key>/tasks.jsonl --labeler ana     # rank sampled responses in the browser
+
+MLflow is found through `--tracking-uri`, else `--config`'s store, else `MLFLOW_TRACKING_URI`, else the pipeline's
+default local store (`runs/mlflow.db`). Heavy imports (torch, prefect, mlflow) happen inside the commands, so
+`rlhf --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from flows.lineage import LineageNode
+
+MODEL_CACHE_ENV = "RLHF_MODEL_CACHE"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+app = typer.Typer(name="rlhf", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@app.callback()
+def _main() -> None:
+    """The RLHF pipeline: validated data → SFT → reward model → PPO/DPO → evaluation → inference."""
+    global console, err_console
+    # Fresh consoles per invocation: the terminal (or $COLUMNS) may differ from the one seen at import.
+    console = Console(highlight=False)
+    err_console = Console(stderr=True, highlight=False)
+
+
+TrackingUri = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default: --config's store, $MLFLOW_TRACKING_URI, the local store).")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", exists=True, dir_okay=False, help="Read the MLflow store from this pipeline config.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow plumbing shared by the commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _default_pipeline_config() -> Any:
+    """A `PipelineConfig` holding only defaults, unvalidated: the defaults live in one place, `flows.config`."""
+    from flows.config import PipelineConfig
+
+    return PipelineConfig.model_construct()
+
+
+def default_tracking_uri() -> str:
+    """The pipeline's default tracking URI (`sqlite:///<abs work_dir>/mlflow.db`, work_dir `runs`)."""
+    return _default_pipeline_config().tracking_uri()
+
+
+def _config_of(config: Path | None) -> Any | None:
+    if config is None:
+        return None
+    from flows.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc), code=2) from exc
+
+
+def resolve_tracking_uri(option: str | None, config: Path | None = None) -> str:
+    """`--tracking-uri`, else the store of `--config`, else `$MLFLOW_TRACKING_URI`, else the pipeline default."""
+    if option:
+        return option
+    cfg = _config_of(config)
+    if cfg is not None:
+        return cfg.tracking_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page when the store is an MLflow server (None for a local store: it needs `rlhf ui` first)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: local directories or MLflow URIs, downloaded once into a cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _model_cache_key(uri: str, client: MlflowClient) -> tuple[str, str]:
+    """(cache sub-directory, URI to download) for an MLflow model URI.
+
+    An alias is resolved to its version first, so the cache never serves the old champion after the alias moved,
+    and the download cannot race a promotion. A registered version is downloaded from its source (`runs:/…`):
+    MLflow's `models:/` download asks the process-wide registry, not the one passed to it.
+    """
+    if match := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
+        name, alias = match.groups()
+        version = client.get_model_version_by_alias(name, alias).version
+        return f"models/{name}/v{version}", client.get_model_version_download_uri(name, version)
+    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+        name, version = match.groups()
+        return f"models/{name}/v{version}", client.get_model_version_download_uri(name, version)
+    if match := re.fullmatch(r"runs:/([0-9a-zA-Z]+)/(.+)", uri):
+        run_id, path = match.groups()
+        return f"runs/{run_id}/{path.strip('/')}", uri
+    if match := re.fullmatch(r"models:/(m-[0-9a-f]+)", uri):
+        return f"logged/{match[1]}", uri
+    raise typer.BadParameter(
+        f"{uri!r} is neither an existing directory nor an MLflow model URI "
+        "(models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path>)"
+    )
+
+
+def find_hf_model_dir(root: Path) -> Path:
+    """The Hugging Face model directory inside `root` (itself, or e.g. `model/` of an MLflow model artifact).
+
+    Refuses pickle-format weights: only safetensors are loaded, since unpickling a downloaded file can run code.
+    """
+    candidates = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: (len(p.parts), str(p)))
+    for directory in candidates:
+        if any(directory.glob("*.safetensors")):
+            return directory
+    pickles = [str(p.relative_to(root)) for pattern in PICKLE_WEIGHTS for p in root.rglob(pattern)]
+    if pickles:
+        raise typer.BadParameter(f"{root} holds only pickle-format weights ({', '.join(sorted(pickles))}); "
+                                 "convert them to safetensors first")
+    raise typer.BadParameter(f"no Hugging Face model (config.json + *.safetensors) found under {root}")
+
+
+def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path) -> Path:
+    """A local directory `from_pretrained` can load, for a path, `models:/…` or `runs:/…` URI.
+
+    MLflow artifacts are downloaded once into `cache_dir/<models|runs>/…`; the download goes to a temporary
+    directory renamed into place, so a cache entry that exists is complete.
+    """
+    local = Path(model).expanduser()
+    if local.exists():
+        return find_hf_model_dir(local)
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri)
+    try:
+        key, download_uri = _model_cache_key(model, client)
+    except MlflowException as exc:
+        raise _fail(f"cannot resolve {model} in {tracking_uri}: {exc.message}") from exc
+    target = cache_dir / key
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            with console.status(f"Downloading {download_uri} …"):
+                mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
+                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return find_hf_model_dir(target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StageProgress(logging.Handler):
+    """Turns Prefect's log records into one line per finished stage: `[2/5] ✔ sft completed in 41.2 s`.
+
+    Prefect's task loggers attach `task_run_id` and `task_name` to every record and the engine logs
+    "Finished in state <State>" when a task run ends; the flow logs "Beginning flow run" when it starts. The
+    pipeline runs its stages one after the other, so a stage took the time since the previous one finished.
+    """
+
+    def __init__(self, out: Console, stages: list[str]) -> None:
+        super().__init__(level=logging.INFO)
+        self.out = out
+        self.stages = stages
+        self.finished: list[str] = []
+        self.mark = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if getattr(record, "flow_run_id", None) and message.startswith("Beginning flow run"):
+            self.mark = time.monotonic()
+            return
+        name = getattr(record, "task_name", None)
+        match = re.match(r"Finished in state (\w+)", message)
+        if not getattr(record, "task_run_id", None) or not name or match is None:
+            return
+        now, state = time.monotonic(), match[1]
+        self.finished.append(name)
+        ok = state in ("Completed", "Cached")
+        mark = "[green]✔[/]" if ok else "[red]✘[/]"
+        self.out.print(f"[dim][{len(self.finished)}/{len(self.stages)}][/] {mark} {escape(name)} "
+                       f"{state.lower()} in {now - self.mark:.1f} s")
+        self.mark = now
+
+
+def _find_pipeline_run(tracking_uri: str, flow_run_id: str) -> Any | None:
+    """The MLflow parent run tagged with this Prefect flow run (docs/lineage.md), or None."""
+    client = mlflow_client(tracking_uri)
+    experiments = client.search_experiments()
+    if not experiments:
+        return None
+    runs = client.search_runs(
+        [e.experiment_id for e in experiments],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`rlhf.kind` = 'pipeline'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _stage_rows(table: Table, result: Any | None, parent: Any | None) -> None:
+    """One row per stage run: from the flow's result, else from the parent run's `rlhf.stage_run.*` tags."""
+    if result is not None:
+        stages = {stage: (p.run_id or "", p.reused) for stage, p in result.stages.items()}
+    elif parent is not None:
+        tags = parent.data.tags
+        stages = {k.removeprefix("rlhf.stage_run."): (v, f"rlhf.reused.{k.removeprefix('rlhf.stage_run.')}" in tags)
+                  for k, v in tags.items() if k.startswith("rlhf.stage_run.")}
+    else:
+        return
+    for stage, (run_id, reused) in stages.items():
+        table.add_row(f"  {stage}", run_id + (" [blue](reused from cache)[/]" if reused else ""))
+
+
+def _print_where_to_look(cfg: Any, flow_run_id: str, result: Any | None) -> None:
+    """The Prefect flow run, the MLflow parent run and its stage runs, and the commands that open them."""
+    from prefect.utilities.urls import url_for
+
+    tracking_uri = cfg.tracking_uri()
+    store_flag = "" if tracking_uri == default_tracking_uri() else f" --tracking-uri {tracking_uri}"
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("[bold]Prefect flow run[/]", flow_run_id)
+    flow_url = url_for("flow-run", obj_id=flow_run_id)
+    table.add_row("", flow_url or "(temporary server: `prefect server start`, then open it under Runs)")
+    table.add_row("[bold]MLflow store[/]", tracking_uri)
+    parent = None if result is not None else _find_pipeline_run(tracking_uri, flow_run_id)
+    if result is not None or parent is not None:
+        run_id = result.parent_run_id if result is not None else parent.info.run_id
+        experiment_id = result.experiment_id if result is not None else parent.info.experiment_id
+        table.add_row("[bold]MLflow pipeline run[/]", f"{run_id} (experiment {experiment_id})")
+        url = mlflow_run_url(tracking_uri, experiment_id, run_id)
+        page = f"#/experiments/{experiment_id}/runs/{run_id}"
+        table.add_row("", url or f"rlhf ui{store_flag}, then http://127.0.0.1:5000/{page}")
+    _stage_rows(table, result, parent)
+    registered = getattr(result, "registered", None)
+    model = cfg.tracking.registered_model
+    if registered is not None:
+        promoted = " [green]promoted to @champion[/]" if registered.promoted else ""
+        table.add_row("[bold]Registered[/]", f"{registered.name} v{registered.version} "
+                      f"@{', @'.join(registered.aliases)}{promoted}")
+    table.add_row("[bold]Lineage[/]", f"rlhf lineage models:/{model}@candidate{store_flag}")
+    table.add_row("[bold]Try it[/]", f"rlhf chat models:/{model}@candidate{store_flag}")
+    console.print(table)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML (e.g. configs/quickstart.yaml).", exists=True,
+                                           dir_okay=False, readable=True)],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override one config key, dotted: --set dpo.max_steps=20 (repeatable).")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Run the pipeline flow: validate → sft → reward model → ppo | dpo → evaluate, each stage cached."""
+    from flows.config import ConfigError, load_config
+
+    # Offline by default (the machine may have no network): no usage telemetry from the temporary Prefect server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    pairs = list(overrides or [])
+    if tracking_uri:
+        pairs.append(f"tracking.tracking_uri={tracking_uri}")
+    try:
+        cfg = load_config(config, pairs)
+    except ConfigError as exc:
+        raise _fail(str(exc), code=2) from exc
+    from flows.pipeline import rlhf_pipeline
+
+    stages = cfg.active_stages()
+    console.rule(f"[bold]rlhf pipeline[/] {escape(str(config))}")
+    console.print(f"stages: {' → '.join(stages)}")
+    progress = StageProgress(console, stages)
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(progress)
+    try:
+        state = rlhf_pipeline(str(config), pairs, return_state=True)
+    finally:
+        prefect_logger.removeHandler(progress)
+    flow_run_id = str(state.state_details.flow_run_id)
+    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    console.rule()
+    _print_where_to_look(cfg, flow_run_id, result)
+    if not state.is_completed():
+        raise _fail(f"pipeline finished in state {state.name}: {state.message or ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf validate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    data: Annotated[Path, typer.Argument(help="A .jsonl, .json, .parquet or .csv file, or a saved dataset dir.")],
+    kind: Annotated[str, typer.Option(help="demonstration | preference | ranking | prompt")],
+    data_format: Annotated[str | None, typer.Option(
+        "--format", help="Format hint: trl, hh-rlhf, messages (default: detect).")] = None,
+) -> None:
+    """Check a data file against its schema: the full error report (exit 1), or row counts and digest."""
+    if kind not in ("demonstration", "preference", "ranking", "prompt"):
+        raise typer.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
+    if not data.exists():
+        raise _fail(f"{data}: no such file")
+    from schemas import DataValidationError, content_digest, load_rows
+
+    try:
+        rows = list(load_rows(data, kind, format=data_format).rows)
+    except DataValidationError as exc:
+        err_console.print(f"[bold red]✘ {escape(str(data))} is not valid {kind} data[/]")
+        err_console.print(escape(str(exc)))
+        raise typer.Exit(1) from exc
+    conversational = sum(1 for row in rows if isinstance(row["prompt"], list))
+    console.print(f"[green]✔[/] {escape(str(data))}: {len(rows)} valid {kind} rows "
+                  f"({conversational} conversational, {len(rows) - conversational} plain text)")
+    console.print(f"digest {content_digest(rows)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf generate / chat
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+              greedy: bool) -> Any:
+    from rlhf_core.generation import SamplingConfig
+
+    try:
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              do_sample=not greedy, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _load(model: str, tracking_uri: str | None, config: Path | None, cache_dir: Path | None,
+          trust_remote_code: bool, device: str | None) -> tuple[Any, Any]:
+    """Resolve MODEL to a local directory and load `(model, tokenizer)` (safetensors only, eval mode)."""
+    import torch
+
+    from rlhf_core.inference import load_policy
+
+    cache = cache_dir or Path(os.environ.get(MODEL_CACHE_ENV) or _default_pipeline_config().work_path() / "model_cache")
+    is_local = Path(model).expanduser().exists()
+    model_dir = resolve_model_dir(model, "" if is_local else resolve_tracking_uri(tracking_uri, config), cache)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with console.status(f"Loading {model_dir} on {device} …"):
+        # Still safetensors only; the model's own code runs only with --trust-remote-code.
+        return load_policy(model_dir, device=device, trust_remote_code=trust_remote_code)
+
+
+def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[Any]:
+    """The prompts to answer: strings, or message lists from a conversational prompt file."""
+    if bool(prompts) == (prompts_file is not None):
+        raise typer.BadParameter("give --prompt (repeatable) or --prompts-file, not both and not neither")
+    if prompts:
+        return list(prompts)
+    assert prompts_file is not None
+    if prompts_file.suffix == ".txt":
+        return [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from schemas import DataValidationError, load_rows
+
+    try:
+        return [row["prompt"] for row in load_rows(prompts_file, "prompt").rows]
+    except DataValidationError as exc:
+        raise _fail(str(exc)) from exc
+
+
+CacheDir = Annotated[Path | None, typer.Option(
+    "--cache-dir", help=f"Where MLflow models are downloaded (default ${MODEL_CACHE_ENV}, else runs/model_cache).")]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow the model's own Python code to run (off: only built-in architectures).")]
+ModelArg = Annotated[str, typer.Argument(
+    help="Local model directory, models:/rlhf-policy@champion, models:/<name>/<version> or runs:/<run id>/model.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1)]
+Temperature = Annotated[float, typer.Option("--temperature")]
+TopP = Annotated[float, typer.Option("--top-p")]
+TopK = Annotated[int, typer.Option("--top-k", min=0)]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the sampler (same seed, same text).")]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Argmax decoding instead of sampling.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cuda if any).")]
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts-file", exists=True, dir_okay=False, help=".txt (one prompt a line) or prompt-only data file.")] = None,
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    top_k: TopK = 0,
+    seed: Seed = 0,
+    greedy: Greedy = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, response}] as JSON.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    device: DeviceOpt = None,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Generate one response per prompt (chat template applied, batched)."""
+    from rlhf_core.inference import generate_text
+
+    prompts = _read_prompts(prompt, prompts_file)
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed, greedy)
+    policy, tokenizer = _load(model, tracking_uri, config, cache_dir, trust_remote_code, device)
+    responses = generate_text(policy, tokenizer, prompts, sampling)
+    if as_json:
+        print(json.dumps([{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)],
+                         ensure_ascii=False, indent=2))
+        return
+    for text_prompt, response in zip(prompts, responses, strict=True):
+        console.print(f"[bold cyan]prompt[/]  {escape(str(text_prompt))}")
+        console.print(f"[bold green]model[/]   {escape(response)}\n")
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    greedy: Greedy = False,
+    trust_remote_code: TrustRemoteCode = False,
+    device: DeviceOpt = None,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Talk to a model in the terminal (the conversation is kept; `/reset` clears it, `/exit` or Ctrl-D quits)."""
+    from rlhf_core.inference import chat_loop
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed, greedy)
+    policy, tokenizer = _load(model, tracking_uri, config, cache_dir, trust_remote_code, device)
+    console.print("[dim]/reset clears the conversation, /exit or Ctrl-D quits[/]")
+
+    def read_user(_prompt: str) -> str:
+        try:
+            return console.input("[bold cyan]you[/] > ")
+        except KeyboardInterrupt:
+            console.print()
+            raise EOFError from None  # Ctrl-C ends the chat like Ctrl-D
+
+    def show(text: str) -> None:
+        console.print(f"[bold green]model[/] > {escape(text)}")
+
+    chat_loop(policy, tokenizer, sampling, read_user, show)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf lineage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _short(digest: str, width: int = 19) -> str:
+    return digest if len(digest) <= width else digest[:width] + "…"
+
+
+def _node_label(node: LineageNode) -> str:
+    role = f"[dim]{escape(node.role)} ←[/] " if node.role not in ("model", "registered") else ""
+    if node.kind == "missing":
+        return f"{role}[bold red]✘ missing:[/] {escape(node.error or node.label)}"
+    if node.kind == "base_model":
+        return f"{role}[bold magenta]base model[/] {escape(node.model_uri or '')}"
+    if node.kind == "model_version":
+        reg = node.registered
+        aliases = "".join(f" [yellow]@{escape(a)}[/]" for a in reg.get("aliases", []))
+        return f"[bold]{escape(reg['name'])}[/] v{reg['version']}{aliases} [dim]{escape(reg.get('source') or '')}[/]"
+    extra = f" [dim]pipeline {node.pipeline_run_id}[/]" if node.pipeline_run_id else ""
+    return f"{role}[bold cyan]{escape(node.stage or 'run')}[/] run {node.run_id} [dim]{node.status}[/]{extra}"
+
+
+def _add_details(branch: Tree, node: LineageNode, show_params: bool) -> None:
+    if node.kind == "model_version":
+        for key, value in sorted(node.registered.get("tags", {}).items()):
+            if key.startswith("eval/") or key == "rlhf.evaluate_run_id":
+                branch.add(f"[dim]{escape(key)}[/] {escape(value)}")
+    if node.model_uri and node.kind == "run":
+        branch.add(f"[dim]model[/] {escape(node.model_uri)}")
+    if node.pipeline_config_hash:
+        branch.add(f"[dim]pipeline config[/] {_short(node.pipeline_config_hash)}"
+                   + (f" [dim]prefect flow run[/] {node.flow_run_id}" if node.flow_run_id else ""))
+    if node.cache_key:
+        branch.add(f"[dim]cache key[/] {_short(node.cache_key)}  [dim]code[/] {escape(node.code_version or '?')}")
+    for ds in node.datasets:
+        where = f" [dim]{escape(ds.source)}[/]" if ds.source else ""
+        branch.add(f"[green]data[/] {escape(ds.name)} {escape(ds.digest)}{where}")
+    if node.params:
+        config = branch.add(f"[dim]config ({len(node.params)} params)[/]")
+        if show_params:
+            for key, value in node.params.items():
+                config.add(f"{escape(key)} = {escape(value)}")
+
+
+def render_lineage(node: LineageNode, show_params: bool = True) -> Tree:
+    """The lineage as a rich tree: each run with its model, pipeline, cache key, data digests and config.
+
+    A run reached a second time (DPO's `sft` and `reference` are the same SFT run) is shown once in full, then
+    as a one-line reference.
+    """
+    seen: set[str] = set()
+
+    def add(parent: Tree | None, current: LineageNode) -> Tree:
+        label = _node_label(current)
+        repeat = current.kind == "run" and current.run_id in seen
+        if repeat:
+            label += " [dim](shown above)[/]"
+        branch = parent.add(label) if parent is not None else Tree(label)
+        if repeat:
+            return branch
+        if current.run_id and current.kind == "run":
+            seen.add(current.run_id)
+        _add_details(branch, current, show_params)
+        for child in current.children:
+            add(branch, child)
+        return branch
+
+    return add(None, node)
+
+
+@app.command()
+def lineage(
+    model_uri: Annotated[str, typer.Argument(
+        help="models:/rlhf-policy@candidate, models:/<name>/<version>, runs:/<run id>/model or a run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
+    params: Annotated[bool, typer.Option("--params/--no-params", help="List each stage's config.")] = True,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Walk back from a model to the runs, dataset digests and configs that made it.
+
+    Exit status: 0 complete, 1 the model URI cannot be resolved, 2 some upstream pointer leads nowhere.
+    """
+    from flows.lineage import LineageError, walk_lineage
+
+    client = mlflow_client(resolve_tracking_uri(tracking_uri, config))
+    try:
+        root = walk_lineage(model_uri, client)
+    except LineageError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        print(json.dumps(root.to_dict(), indent=2, sort_keys=False))
+    else:
+        console.print(render_lineage(root, show_params=params))
+    problems = root.problems()
+    if problems:
+        for problem in problems:
+            err_console.print(f"[bold red]incomplete lineage:[/] {escape(problem)}")
+        raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf ui
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mlflow_ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: int,
+                      workers: int = 1) -> list[str]:
+    """`mlflow ui` on a local store; the artifact root must match the one the pipeline logs to."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+               "--host", host, "--port", str(port), "--workers", str(workers)]
+    if artifact_root:
+        command += ["--default-artifact-root", artifact_root]
+    return command
+
+
+def default_artifact_root() -> str:
+    """The pipeline's default artifact location (`file://<abs work_dir>/mlartifacts`)."""
+    return _default_pipeline_config().artifact_location()
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (one is plenty for one user).")] = 1,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+    artifact_root: Annotated[str | None, typer.Option(help="Artifact root (default: the pipeline's).")] = None,
+) -> None:
+    """Start the MLflow UI on the local store (Ctrl-C stops it)."""
+    uri = resolve_tracking_uri(tracking_uri, config)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"The tracking store is already a server: open {uri}")
+        return
+    cfg = _config_of(config)
+    root = artifact_root or (cfg.artifact_location() if cfg is not None else default_artifact_root())
+    command = mlflow_ui_command(uri, root, host, port, workers)
+    console.print(f"MLflow UI on [bold]http://{host}:{port}[/] for {escape(uri)} (Ctrl-C stops it)")
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+@app.command()
+def label(
+    task_file: Annotated[Path, typer.Argument(help="The collect stage's tasks.jsonl (its message names it).")],
+    labeler: Annotated[str | None, typer.Option(help="Your name, put in the printed URL.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the labeling page.")] = 8765,
+    answers_dir: Annotated[Path | None, typer.Option(help="Where <labeler>.jsonl answers go "
+                                                     "(default: tasks.answers/ beside the task file).")] = None,
+) -> None:
+    """Serve the labeling page: rank each prompt's sampled responses; every answer is saved at once."""
+    from flows.labeling_app import serve
+
+    if not task_file.is_file():
+        raise _fail(f"no task file at {task_file} (the collect stage prints its path)")
+    serve(task_file, answers_dir, host, port, labeler)
+
+
+if __name__ == "__main__":
+    app()

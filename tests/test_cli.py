@@ -1,0 +1,232 @@
+"""The `rlhf` command line, invoked as a user would (typer's CliRunner, real files, real MLflow stores).
+
+- validate: a good file prints its row count and digest; a bad one exits 1 naming file, row, column and rule.
+- generate: from a local tiny model directory, and the same text from the same model logged to MLflow
+  (`runs:/…/model`, `models:/…@alias`), downloaded once into the cache.
+- lineage: the tree of a store built with the tags of docs/lineage.md, as text and as JSON; holes exit 2.
+(`rlhf run` end to end and `rlhf ui` are tested with the servers, in tests/test_deployment.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from test_lineage import DIGESTS, NEVER_WRITTEN, build_store
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.lineage import walk_lineage
+
+# MLflow cannot tell which of its local sources a relative dataset path is; irrelevant to lineage.
+pytestmark = pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")
+WIDE = {"COLUMNS": "250"}  # rich wraps at the terminal width; keep digests and ids on one line
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_run_help_lists_config_and_overrides(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["run", "--help"], env=WIDE)
+    assert result.exit_code == 0
+    assert "Usage: rlhf run" in result.output and "Pipeline YAML" in result.output
+    assert "--set" in result.output and "Override one config key" in result.output
+    assert "--tracking-uri" in result.output
+
+
+def test_run_rejects_a_bad_config_key_before_running(runner: CliRunner, tmp_path: Path) -> None:
+    # Given a config with a misspelt key; when run; then exit 2 naming the key, and nothing ran.
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"name: bad\nwork_dir: {tmp_path / 'work'}\nsft:\n  max_stepz: 3\n")
+    result = runner.invoke(app, ["run", str(config)], env=WIDE)
+    assert result.exit_code == 2
+    assert "sft.max_stepz: unexpected key" in result.output
+    assert not (tmp_path / "work").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------------------------
+
+GOOD = [
+    {"prompt": "Where is my order?", "chosen": "Let me check it for you.", "rejected": "No idea."},
+    {"prompt": [{"role": "user", "content": "Refund please"}], "chosen": [{"role": "assistant", "content": "Done."}],
+     "rejected": [{"role": "assistant", "content": "No."}]},
+    {"prompt": "Reset my password", "chosen": "Use 'Forgot password'.", "rejected": "Can't help."},
+]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_validate_good_data_prints_counts_and_the_content_digest(runner: CliRunner, tmp_path: Path) -> None:
+    from schemas import content_digest, load_rows
+
+    data = _jsonl(tmp_path / "prefs.jsonl", GOOD)
+    result = runner.invoke(app, ["validate", str(data), "--kind", "preference"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert f"{data}: 3 valid preference rows (1 conversational, 2 plain text)" in result.output
+    assert f"digest {content_digest(list(load_rows(data, 'preference').rows))}" in result.output
+
+
+def test_validate_bad_data_exits_1_with_the_precise_report(runner: CliRunner, tmp_path: Path) -> None:
+    from schemas import DataValidationError, load_rows
+
+    # Given preference data whose third row lacks `rejected`.
+    data = _jsonl(tmp_path / "broken.jsonl", [*GOOD[:2], {"prompt": "Hi", "chosen": "Hello!"}])
+    with pytest.raises(DataValidationError) as expected:
+        load_rows(data, "preference")
+
+    result = runner.invoke(app, ["validate", str(data), "--kind", "preference"], env=WIDE)
+
+    # Then exit 1, and the library's full report (naming the file and the column) is what the user sees.
+    assert result.exit_code == 1
+    assert f"{data} is not valid preference data" in result.output
+    report = str(expected.value)
+    assert "broken.jsonl" in report and "rejected" in report
+    assert all(line.strip() in result.output for line in report.splitlines() if line.strip())
+
+
+def test_validate_rejects_an_unknown_kind(runner: CliRunner, tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "prefs.jsonl", GOOD)
+    result = runner.invoke(app, ["validate", str(data), "--kind", "preferences"], env=WIDE)
+    assert result.exit_code == 2 and "unknown kind 'preferences'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lineage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return build_store(tmp_path_factory.mktemp("cli_lineage"))
+
+
+def test_lineage_prints_the_tree_down_to_every_digest(runner: CliRunner, store) -> None:  # noqa: ANN001
+    result = runner.invoke(app, ["lineage", "models:/rlhf-policy@candidate", "--tracking-uri", store.uri], env=WIDE)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "rlhf-policy v1 @candidate" in out
+    for stage, run_id in (("dpo", store.dpo), ("sft", store.sft), ("validate", store.validate)):
+        assert f"{stage} run {run_id}" in out
+    for digest in DIGESTS.values():
+        assert digest in out
+    assert "base model /models/tiny-base" in out and "dpo.dpo_beta = 0.1" in out
+    # DPO's `reference` and `sft` are the same SFT run: its details are printed once.
+    assert out.count(f"sft run {store.sft}") == 2 and out.count("cache key key-sft") == 1
+    assert f"sft ← sft run {store.sft} FINISHED pipeline {store.parent} (shown above)" in out
+
+
+def test_lineage_json_is_the_walk(runner: CliRunner, store) -> None:  # noqa: ANN001
+    uri = store.uri
+    result = runner.invoke(app, ["lineage", f"runs:/{store.dpo}/model", "--json", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == walk_lineage(f"runs:/{store.dpo}/model", store.client).to_dict()
+
+
+def test_lineage_exit_codes_name_the_problem(runner: CliRunner, store, tmp_path: Path) -> None:  # noqa: ANN001
+    uri = store.uri
+    # An alias nobody set: exit 1.
+    result = runner.invoke(app, ["lineage", "models:/rlhf-policy@champion", "--tracking-uri", uri], env=WIDE)
+    assert result.exit_code == 1 and "champion" in result.output
+    # A run whose upstream was never written: the tree is printed, the hole named, exit 2.
+    exp = store.client.get_run(store.dpo).info.experiment_id
+    orphan = store.client.create_run(exp, tags={"rlhf.kind": "stage", "rlhf.stage": "dpo",
+                                                "rlhf.upstream.sft.run_id": NEVER_WRITTEN}).info.run_id
+    result = runner.invoke(app, ["lineage", orphan, "--tracking-uri", uri], env=WIDE)
+    assert result.exit_code == 2
+    assert f"incomplete lineage: upstream 'sft': run {NEVER_WRITTEN} not found" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate / chat
+# ---------------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["My parcel is late.", "How do I reset my password?"]
+SAMPLING = ["--seed", "7", "--max-new-tokens", "6", "--temperature", "0.9", "--top-p", "0.95"]
+
+
+def _generate(runner: CliRunner, model: str, *extra: str) -> list[dict]:
+    args = ["generate", model, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], *SAMPLING, "--json", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_generate_from_a_local_directory_is_seeded_sampling_of_that_model(runner: CliRunner,
+                                                                           tiny_model_dir: Path) -> None:
+    from rlhf_core.generation import SamplingConfig
+    from rlhf_core.inference import generate_text, load_policy
+
+    out = _generate(runner, str(tiny_model_dir))
+
+    # Then: one response per prompt, exactly the library's seeded sample with the same settings.
+    model, tokenizer = load_policy(tiny_model_dir)
+    expected = generate_text(model, tokenizer, PROMPTS,
+                             SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=7))
+    assert out == [{"prompt": p, "response": r} for p, r in zip(PROMPTS, expected, strict=True)]
+    assert _generate(runner, str(tiny_model_dir)) == out  # same seed, same text
+
+
+def test_generate_from_mlflow_uris_downloads_once_and_matches_the_local_model(
+        runner: CliRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Given the tiny model logged as a run's `model/` artifact and registered as rlhf-policy@champion.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("gen", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifacts(run_id, str(tiny_model_dir), "model")
+    client.create_registered_model("rlhf-policy")
+    version = client.create_model_version("rlhf-policy", f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("rlhf-policy", "champion", version.version)
+    cache = tmp_path / "cache"
+    flags = ("--tracking-uri", uri, "--cache-dir", str(cache))
+
+    # When we generate from the alias and from the run URI; then the text is the local model's.
+    local = _generate(runner, str(tiny_model_dir))
+    assert _generate(runner, "models:/rlhf-policy@champion", *flags) == local
+    assert _generate(runner, f"runs:/{run_id}/model", *flags) == local
+
+    # The alias was resolved to its version before download; both downloads are complete HF directories.
+    assert [p.name for p in (cache / "models" / "rlhf-policy" / "v1").rglob("*.safetensors")] == ["model.safetensors"]
+    assert [p.name for p in (cache / "runs" / run_id / "model").rglob("*.safetensors")] == ["model.safetensors"]
+    # A second call is served from the cache, even with the artifacts gone.
+    shutil.rmtree(tmp_path / "artifacts")
+    assert _generate(runner, "models:/rlhf-policy@champion", *flags) == local
+
+
+def test_generate_refuses_pickle_weights(runner: CliRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Given a model directory whose weights are a pickle (torch.save), not safetensors.
+    import torch
+    from safetensors.torch import load_file
+
+    unsafe = tmp_path / "unsafe"
+    shutil.copytree(tiny_model_dir, unsafe, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), unsafe / "pytorch_model.bin")
+    result = runner.invoke(app, ["generate", str(unsafe), "--prompt", "hi"], env=WIDE)
+    assert result.exit_code == 2
+    assert "only pickle-format weights (pytorch_model.bin)" in result.output
+
+
+def test_generate_needs_exactly_one_prompt_source(runner: CliRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\n")
+    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--prompt", "x", "--prompts-file", str(prompts)],
+                           env=WIDE)
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_chat_answers_each_turn_until_exit(runner: CliRunner, tiny_model_dir: Path) -> None:
+    result = runner.invoke(app, ["chat", str(tiny_model_dir), "--seed", "0", "--max-new-tokens", "4"],
+                           input="Hello there\n/reset\nMy order is late\n/exit\n", env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model > ") == 3  # two answers and the reset notice
+    assert "model > (history cleared)" in result.output
