@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -32,6 +34,10 @@ from rlhf_core.tokenization import (
     left_pad_prompts,
     position_ids_from_attention_mask,
 )
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated there and goes in 5.40); use whichever the installed version has.
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ def sample(
             input_ids=tokens[-1][:, None],
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=out.past_key_values,
+            **{CACHE_ARG: getattr(out, CACHE_ARG)},
             use_cache=True,
         )
     return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished
