@@ -20,7 +20,9 @@ All loads use safetensors only and `trust_remote_code=False` unless the caller o
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from rlhf_core.tokenization import position_ids_from_attention_mask
 
@@ -218,18 +221,36 @@ def reward_model_from_causal_lm(
     The LM head is dropped; the score head `Linear(hidden, 1)` is freshly initialised from a forked RNG seeded with
     `seed` (the same seed gives the same head, the caller's RNG is untouched).
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             causal_lm_path,
             num_labels=1,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            output_loading_info=True,
             **kwargs,
         )
+    # A new `score` head and a dropped LM head are the point; any other missing weight means the directory is not
+    # a causal LM of this architecture, and a body trained from random init would fail silently.
+    missing = sorted(k for k in info["missing_keys"] if not k.split(".")[0] == "score")
+    if missing:
+        raise ValueError(f"{causal_lm_path}: weights {missing[:5]} missing for a reward model of this architecture "
+                         f"({len(missing)} in all); is it a causal-LM directory?")
     _ensure_pad_token_id(model)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report for a load whose missing/unexpected keys we check ourselves."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _ensure_pad_token_id(model: PreTrainedModel) -> None:

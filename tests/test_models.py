@@ -3,6 +3,9 @@ exact save/load, last-real-token scoring."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -213,3 +216,15 @@ def test_disable_dropout_makes_training_mode_forward_deterministic():
     disable_dropout(model)
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert model.config.resid_pdrop == model.config.attn_pdrop == model.config.embd_pdrop == 0.0
+
+
+def test_reward_model_refuses_a_directory_whose_body_weights_are_missing(tiny_model_dir, tmp_path) -> None:
+    """Given a causal-LM directory whose config asks for one more layer than its weights hold, when a reward
+    model is built from it, then it fails naming the missing weights (not a silently random-init body)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"model\.layers\.{config['num_hidden_layers'] - 1}\..*causal-LM"):
+        reward_model_from_causal_lm(broken)
