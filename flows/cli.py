@@ -304,6 +304,7 @@ def run(
 
     # Offline by default (the machine may have no network): no usage telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _quiet_library_chatter()
     pairs = list(overrides or [])
     if tracking_uri:
         pairs.append(f"tracking.tracking_uri={tracking_uri}")
@@ -329,6 +330,15 @@ def run(
     _print_where_to_look(cfg, flow_run_id, result)
     if not state.is_completed():
         raise _fail(f"pipeline finished in state {state.name}: {state.message or ''}")
+
+
+def _quiet_library_chatter() -> None:
+    """One line per stage is the progress display: no per-load progress bars from transformers, no INFO lines
+    from MLflow's system-metrics sampler (warnings and errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------------
