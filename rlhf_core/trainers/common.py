@@ -241,6 +241,14 @@ def _has_accelerator_device() -> bool:
     )
 
 
+def check_length_limits(config: object, *names: str) -> None:
+    """Each named token limit of `config` is a positive int or None (no limit)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be > 0 or None, got {value}")
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -42,6 +42,7 @@ from rlhf_core.trainers.common import (
     TrainerConfig,
     TrainResult,
     apply_lora,
+    check_length_limits,
     fit,
     freeze,
     make_accelerator,
@@ -81,10 +82,7 @@ class DPOConfig(TrainerConfig):
             raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
-        for name in ("max_prompt_len", "max_response_len"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        check_length_limits(self, "max_prompt_len", "max_response_len")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from rlhf_core.trainers.common import (
     TrainResult,
     all_reduce_sum,
     apply_lora,
+    check_length_limits,
     fit,
     is_peft_model,
     make_accelerator,
@@ -67,10 +68,7 @@ class RewardConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_prompt_len", "max_response_len"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        check_length_limits(self, "max_prompt_len", "max_response_len")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from rlhf_core.trainers.common import (
     TrainerConfig,
     TrainResult,
     apply_lora,
+    check_length_limits,
     fit,
     make_accelerator,
     save_final_model,
@@ -59,10 +60,7 @@ class SFTConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_prompt_len", "max_response_len"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        check_length_limits(self, "max_prompt_len", "max_response_len")
         if self.pack_length <= 1:
             raise ValueError(f"pack_length must be > 1, got {self.pack_length}")
 
