@@ -103,7 +103,8 @@ def sft_loss(
     shift_mask = loss_mask[:, 1:].to(shift_logits.dtype)  # [B, L-1]
     # Masked labels may be an ignore index (-100): replace them by a valid id so the gather is defined.
     shift_labels = torch.where(shift_mask.bool(), labels[:, 1:], torch.zeros_like(labels[:, 1:]))
-    token_logps = torch.gather(shift_logits.log_softmax(dim=-1), 2, shift_labels.unsqueeze(-1)).squeeze(-1)
+    # cross_entropy = −log softmax(z)[y], fused: no second [B, L-1, V] tensor for the log-probs.
+    token_logps = -F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # [B, L-1]
     if reduction == "sum":
         return -masked_sum(token_logps, shift_mask)
     if reduction == "mean":

@@ -145,12 +145,22 @@ def collate_packed(pairs: Sequence[EncodedPair], pad_id: int, capacity: int) -> 
 # ------------------------------------------------------------------------------------------------------------
 
 
+def first_response_column(response_mask: torch.Tensor) -> int:
+    """The smallest column holding a response token in any row of `response_mask` `[B, L]` (0 if none)."""
+    has_response = response_mask.bool().any(dim=1)
+    if not bool(has_response.any()):
+        return 0
+    return int(response_mask.int().argmax(dim=1)[has_response].min())
+
+
 def sft_forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Summed next-token NLL over response tokens (with grad) and detached sums for the metrics.
 
     `batch`: right-padded (`attention_mask` `[B, L]`) or packed (`segment_ids` `[B, L]`, turned into a 4-D
     block-causal mask here, in the model's dtype).
     """
+    input_ids, response_mask = batch["input_ids"], batch["response_mask"]
+    keep = 0  # all positions: a packed row has responses all along it
     if "segment_ids" in batch:
         dtype = next(model.parameters()).dtype
         attention_mask = block_causal_mask(batch["segment_ids"], dtype)
@@ -158,10 +168,13 @@ def sft_forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     else:
         attention_mask = batch["attention_mask"]
         tokens = int(attention_mask.sum())
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=batch["position_ids"]
-    )
-    loss_sum = sft_loss(out.logits, batch["input_ids"], batch["response_mask"], reduction="sum")
+        # Right-padded rows: only positions from just before the earliest response token predict a trained token;
+        # projecting the prompt onto the vocabulary too would be ~20% of a small model's FLOPs (bench/RESULTS.md).
+        keep = input_ids.shape[1] - max(first_response_column(response_mask) - 1, 0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
+                logits_to_keep=keep)
+    width = out.logits.shape[1]  # the logits cover the last `width` input positions
+    loss_sum = sft_loss(out.logits, input_ids[:, -width:], response_mask[:, -width:], reduction="sum")
     count = float(batch["response_mask"][:, 1:].sum())
     return loss_sum, {"loss": float(loss_sum.detach()), "count": count, "tokens": tokens}
 
