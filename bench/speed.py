@@ -90,7 +90,7 @@ def python_of(venv: Path) -> Path:
 
 def run_worker(python: Path, spec: dict, workdir: Path, timeout: float) -> dict:
     """One measured run in a fresh process; returns the worker's result (or {"error": ...})."""
-    name = f"{spec['runner']}{'-proposed' if spec.get('fused_adamw') else ''}-{spec['stage']}-r{spec['rep']}"
+    name = f"{spec['runner']}-{spec['stage']}-r{spec['rep']}"
     spec = {**spec, "out_dir": str(workdir / name)}
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
@@ -142,13 +142,12 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict:
         print(f"repetition {rep + 1}/{args.reps}", flush=True)
         raw["matmul"].append(run_worker(python_of(VENV_TRL), {
             "runner": "matmul", "stage": "peak", "rep": rep, "matmul_n": shapes["matmul_n"], "matmul_iters": 10,
-            "matmul_rounds": 3}, workdir, args.timeout))
+            "matmul_rounds": 3, "threads": args.threads}, workdir, args.timeout))
         for stage in stages:
             pair, spec = PAIRS[stage], stage_spec(stage, shapes, model, rm, rows, rep)
+            spec["threads"] = args.threads
+            spec["trl_precompute_ref"] = args.trl_precompute_ref and stage == "dpo"
             sides = [("ours", {"runner": pair.ours}), ("trl", {"runner": pair.trl})]
-            if args.fused_adamw:
-                sides.append(("ours_fused", {"runner": pair.ours, "fused_adamw": True,
-                                             "response_only_logits": stage == "dpo"}))
             for side, extra in sides if rep % 2 == 0 else sides[::-1]:
                 raw[stage].setdefault(side, []).append(run_worker(python_of(pair.venv), {**spec, **extra},
                                                                   workdir, args.timeout))
@@ -169,7 +168,9 @@ def assemble(args: argparse.Namespace, workdir: Path) -> dict:
         if spec["runner"] == "matmul":
             matmul[spec["rep"]] = result
             continue
-        side = "ours_fused" if spec.get("fused_adamw") else "ours" if spec["runner"].startswith("ours") else "trl"
+        if spec.get("fused_adamw"):  # a "proposed change" run of an older version of this script
+            continue
+        side = "ours" if spec["runner"].startswith("ours") else "trl"
         found.setdefault((spec["stage"], spec["rep"]), {})[side] = result
     raw: dict[str, Any] = {"matmul": [matmul[r] for r in sorted(matmul)], **{s: {} for s in stages}}
     for (stage, _rep), sides in sorted(found.items()):
@@ -234,10 +235,6 @@ def summarize(run: dict) -> dict:
             "ours_wall": _median([r["wall_s"] for r in _ok(ours)]),
             "trl_wall": _median([r["wall_s"] for r in _ok(trl)]),
             "n": len(_paired_ratios(ours, trl, "rate")),
-            "fused_ratio": _median(_paired_ratios(run["raw"][stage].get("ours_fused", []), trl, "rate"))
-            if run["raw"][stage].get("ours_fused") else float("nan"),
-            "fused_gain": _median(_paired_ratios(run["raw"][stage].get("ours_fused", []), ours, "rate"))
-            if run["raw"][stage].get("ours_fused") else float("nan"),
             "errors": [r["error"] for side in run["raw"][stage].values() for r in side if "error" in r],
             "ours_len": _median([r["response_length"] for r in _ok(ours) if "response_length" in r]),
             "trl_len": _median([r["response_length"] for r in _ok(trl) if "response_length" in r]),
@@ -278,14 +275,6 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
                          + f"; decode steps per rollout ours {_fmt(s['ours_decode'], 1)}"
                          + (f", TRL {_fmt(s['trl_decode'], 1)}" if s["trl_decode"] == s["trl_decode"] else "")
                          + f" (max_new_tokens {shapes['max_new_tokens']}).")
-    fused = [st for st in run["stages"] if summary[st]["fused_ratio"] == summary[st]["fused_ratio"]]
-    if fused:
-        lines.append("\nProposed changes measured in the same repetitions (patched in by the worker, trainer files "
-                     "untouched) — the fused AdamW kernel (`torch.optim.AdamW(..., fused=True)` in "
-                     "`common.build_optimizer`) for every stage, plus, for DPO, response-only logits in "
-                     "`sequence_logprobs` (`logits_to_keep` from the first response column, fused cross-entropy): "
-                     + "; ".join(f"{st} {_fmt(summary[st]['fused_gain'])}× our current rate = "
-                                 f"{_fmt(summary[st]['fused_ratio'])}× TRL" for st in fused) + ".")
     errors = {st: summary[st]["errors"] for st in run["stages"] if summary[st]["errors"]}
     if errors:
         lines.append("\nFailed runs: " + "; ".join(f"{st}: {e}" for st, es in errors.items() for e in es))
@@ -318,9 +307,16 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data" / "support_bot"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--fused-adamw", action="store_true",
-                        help="also run ours with the proposed changes (fused AdamW; DPO: response-only logits)")
+                        help="no-op, kept so older commands still run: our optimizer is torch's fused AdamW by "
+                             "default now (rlhf_core.trainers.common.build_optimizer)")
     parser.add_argument("--assemble", metavar="DIR",
                         help="no new runs: report the finished runs an interrupted run left in DIR")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads of every run (matmul peak included); 0 = torch's default. "
+                             "1 avoids the stalls of a 2-thread pool on a 2-core machine another job also uses")
+    parser.add_argument("--trl-precompute-ref", action="store_true",
+                        help="DPO: TRL precomputes the reference log-probs before training, as ours always does "
+                             "(default: TRL's default, a live reference forward at every step)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -333,14 +329,15 @@ def main() -> None:
     model_dir = base_model(args.model)
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
-    key = f"speed-{args.model}-{'-'.join(run['stages'])}"
+    key = f"speed-{args.model}-{'-'.join(run['stages'])}" + ("-trl-precompute-ref" if args.trl_precompute_ref else "")
     (results_dir / f"{key}.json").write_text(json.dumps({**run, "summary": summary}, indent=1))
     info = machine()
     trl_versions = versions(python_of(VENV_TRL))
     ppo_versions = versions(python_of(VENV_TRL_PPO))
     shapes = run["shapes"]
     command = f"python bench/speed.py --model {args.model} --reps {args.reps} --stages {args.stages}" + \
-        (" --fused-adamw" if args.fused_adamw else "") + \
+        (f" --threads {args.threads}" if args.threads else "") + \
+        (" --trl-precompute-ref" if args.trl_precompute_ref else "") + \
         (f" --data {args.data}" if Path(args.data) != ROOT / "data" / "support_bot" else "") + \
         (f" --assemble {args.assemble}" if args.assemble else "")
     body = "\n".join([
@@ -349,7 +346,9 @@ def main() -> None:
         f"`{command}` — {utc_now()}, {time.perf_counter() - started:.0f} s. Machine: {info['cpu']}, "
         f"{info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}. torch {trl_versions['torch']}, "
         f"transformers {trl_versions['transformers']}, accelerate {trl_versions['accelerate']}; TRL "
-        f"{trl_versions.get('trl')} (SFT/RM/DPO/RLOO) and TRL {ppo_versions.get('trl')} (PPO).",
+        f"{trl_versions.get('trl')} (SFT/RM/DPO/RLOO) and TRL {ppo_versions.get('trl')} (PPO). torch threads per "
+        f"run: {', '.join(sorted({str(r['threads']) for r in run['raw']['matmul'] if 'threads' in r})) or 'n/a'}"
+        f"{' (--threads)' if args.threads else ' (torch default)'}.",
         "",
         f"Data: `{args.data}` (first rows of demonstrations / preferences / prompts_train).",
         "",
@@ -363,7 +362,14 @@ def main() -> None:
         f"over {max((len(v.get('ours', [])) for k, v in run['raw'].items() if k != 'matmul'), default=0)} "
         "interleaved repetitions (column `reps`), ratios = median of per-repetition ours/TRL."
         + (f" Assembled with `--assemble` from the finished runs of an interrupted `--reps {args.reps}` run."
-           if args.assemble else ""),
+           if args.assemble else "")
+        + ((" DPO reference log-probs: both sides compute them in one pass before training (TRL "
+            "`precompute_ref_log_probs=True`), outside steps 2..N, inside the whole call."
+            if args.trl_precompute_ref else
+            " DPO reference log-probs: ours computes them in one pass before training (outside steps 2..N, "
+            "inside the whole call); TRL (its default) runs a reference forward at every step, inside steps "
+            "2..N: compare the whole-call times too, or rerun with `--trl-precompute-ref`.")
+           if "dpo" in run["stages"] else ""),
         "",
         report(run, summary, args, model_dir),
     ])

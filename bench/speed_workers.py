@@ -254,9 +254,12 @@ def trl_dpo(spec: dict, out: Path) -> dict:
     clock, logs = StepClock(), []
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
-    args = DPOConfig(**_trl_common_args(spec, out), beta=0.1,
-                     precompute_ref_log_probs=spec.get("trl_precompute_ref", False))
+    # Ours always computes the reference log-probs in one pass before training and frees its frozen copy. TRL's
+    # default recomputes them with a live reference model at every step; with `trl_precompute_ref` it does what
+    # ours does (one pass in the trainer's constructor, from the initial policy: no reference model kept).
+    precompute = bool(spec.get("trl_precompute_ref", False))
+    ref = None if precompute else AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    args = DPOConfig(**_trl_common_args(spec, out), beta=0.1, precompute_ref_log_probs=precompute)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=[_trl_clock_callback(clock, lambda state: spec["batch_size"], logs)])
     trainer.train()
@@ -423,54 +426,8 @@ RUNNERS = {
 }
 
 
-def use_fused_adamw() -> None:
-    """Measure a proposed change without editing the trainer: our `build_optimizer` with the fused AdamW kernel
-    (same groups, same hyper-parameters; `fused=True` is supported on CPU and CUDA since torch 2.4)."""
-    import rlhf_core.trainers.common as common
-
-    original = common.build_optimizer
-
-    def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-                  for g in original(model, config).param_groups]
-        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
-
-    common.build_optimizer = build_optimizer
-
-
-def use_response_only_logits() -> None:
-    """Measure a proposed change to DPO without editing it: sequence log-probs that project only the positions
-    from the batch's first response token onwards onto the vocabulary (`logits_to_keep`), and take
-    `log softmax(z)[y]` with the fused `cross_entropy` (no temperature division at τ = 1). Same numbers up to float
-    rounding: prompt positions never enter the sum."""
-    import torch.nn.functional as F
-
-    import rlhf_core.trainers.dpo as dpo
-    from rlhf_core.tokenization import position_ids_from_attention_mask
-
-    def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        first = int(response_mask.float().argmax(-1).min())  # earliest response column in the batch
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_attention_mask(attention_mask),
-                    logits_to_keep=input_ids.shape[1] - first + 1)
-        logits = out.logits[:, :-1].float()  # [B, L - first, V]: predicts tokens first .. L-1
-        if temperature != 1.0:
-            logits = logits / temperature
-        labels = input_ids[:, first:]
-        logps = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 reduction="none").view(labels.shape)
-        return torch.where(response_mask[:, first:].bool(), logps, torch.zeros_like(logps)).sum(-1)
-
-    dpo.sequence_logprobs = sequence_logprobs
-
-
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    if spec.get("fused_adamw"):
-        use_fused_adamw()
-    if spec.get("response_only_logits"):
-        use_response_only_logits()
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     out = Path(spec["out_dir"])
