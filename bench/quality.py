@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,10 @@ class Recipe:
     dpo_betas: tuple[float, ...]
     ppo_beta: float
     dpo_beta: float
+    dpo_pairs: int = 0
+    """DPO trains on (and precomputes reference log-probs for) only the first this-many training pairs (0: all)."""
+    dpo_eval_pairs: int = 0
+    """DPO's own held-out loss uses only the first this-many held-out pairs (0: all)."""
 
 
 RECIPES = {
@@ -72,7 +76,8 @@ RECIPES = {
                    dpo_batch=16, dpo_lr=3e-4, max_new_tokens=48, eval_prompts=64,
                    ppo_betas=(0.01, 0.05, 0.2), dpo_betas=(0.05, 0.1, 0.5), ppo_beta=0.05, dpo_beta=0.1),
     # SmolLM2-135M-Instruct already follows instructions: short SFT, small rates.
-    # Sized to finish in ~20 minutes on 2 CPU cores shared with other work.
+    # Meant for ~20 minutes on 2 CPU cores; measured 2026-12-01 on 2 cores shared with a speed benchmark:
+    # SFT 9.6 min, RM 19.6 min, PPO 42.5 min, DPO (cut to dpo_steps=8 on 64 pairs) 19.8 min, evaluation apart.
     "smollm2": Recipe(sft_steps=10, sft_batch=8, sft_lr=2e-5, rm_steps=20, rm_batch=8, rm_lr=2e-5,
                       ppo_iterations=6, ppo_rollout=16, ppo_batch=8, ppo_epochs=2, ppo_lr=1e-5, dpo_steps=20,
                       dpo_batch=8, dpo_lr=5e-6, max_new_tokens=40, eval_prompts=32,
@@ -94,8 +99,26 @@ class Timer:
         return out
 
 
+STAGE_RECORD = "bench-stage.json"
+
+
+def run_stage(timer: Timer, name: str, output_dir: Path, resume: bool, fn: Any, *args: Any) -> tuple[Path, dict]:
+    """Train one stage into `output_dir` (→ its `model/` directory and metrics), or with `resume` reuse a
+    finished one: `output_dir/model/` plus the `bench-stage.json` (metrics, wall seconds) written when it
+    finished. The reused stage's wall seconds are those of the run that trained it."""
+    record = output_dir / STAGE_RECORD
+    if resume and (output_dir / "model" / "config.json").is_file() and record.is_file():
+        saved = json.loads(record.read_text())
+        timer.seconds[name] = saved["seconds"]
+        print(f"  {name}: reused {output_dir / 'model'} (trained in {saved['seconds']} s)", flush=True)
+        return output_dir / "model", saved["metrics"]
+    result = timer.run(name, fn, *args)
+    record.write_text(json.dumps({"seconds": timer.seconds[name], "metrics": result.metrics}, default=str))
+    return result.model_dir, result.metrics
+
+
 def train_seed(model: str, base: Path, rows: dict, recipe: Recipe, seed: int, betas: dict, workdir: Path,
-               timer: Timer) -> dict[str, Path]:
+               timer: Timer, resume: bool = False) -> dict[str, Path]:
     """SFT → RM, then PPO and DPO at every β; returns name → model directory (plus "rm")."""
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
@@ -104,28 +127,32 @@ def train_seed(model: str, base: Path, rows: dict, recipe: Recipe, seed: int, be
 
     held_out_prefs = rows["eval_prefs"]
     common = {"seed": seed, "progress_bar": False, "log_every": 10}
-    sft = timer.run(f"seed{seed}/sft", train_sft, SFTConfig(
-        max_steps=recipe.sft_steps, batch_size=recipe.sft_batch, learning_rate=recipe.sft_lr, warmup_steps=recipe.sft_steps // 10,
-        lr_schedule="cosine", **common), base, rows["sft"], rows["eval_sft"], workdir / "sft").model_dir
-    rm_result = timer.run(f"seed{seed}/rm", train_reward_model, RewardConfig(
-        max_steps=recipe.rm_steps, batch_size=recipe.rm_batch, learning_rate=recipe.rm_lr, warmup_steps=recipe.rm_steps // 10,
-        lr_schedule="cosine", **common), sft, rows["prefs"], held_out_prefs, workdir / "rm")
-    models = {"sft": sft, "rm": rm_result.model_dir}
+    sft, _ = run_stage(timer, f"seed{seed}/sft", workdir / "sft", resume, train_sft, SFTConfig(
+        max_steps=recipe.sft_steps, batch_size=recipe.sft_batch, learning_rate=recipe.sft_lr,
+        warmup_steps=recipe.sft_steps // 10, lr_schedule="cosine", **common), base, rows["sft"], rows["eval_sft"],
+        workdir / "sft")
+    rm, rm_metrics = run_stage(timer, f"seed{seed}/rm", workdir / "rm", resume, train_reward_model, RewardConfig(
+        max_steps=recipe.rm_steps, batch_size=recipe.rm_batch, learning_rate=recipe.rm_lr,
+        warmup_steps=recipe.rm_steps // 10, lr_schedule="cosine", **common), sft, rows["prefs"], held_out_prefs,
+        workdir / "rm")
+    models = {"sft": sft, "rm": rm}
     for beta in betas["ppo"]:
         config = PPOConfig(
             max_steps=recipe.ppo_iterations, rollout_batch_size=recipe.ppo_rollout, batch_size=recipe.ppo_batch,
             ppo_epochs=recipe.ppo_epochs, learning_rate=recipe.ppo_lr, kl_coef=beta,
             max_new_tokens=recipe.max_new_tokens, score_norm="mean_std", weak_reward_model="warn", **common)
-        models[f"ppo β={beta}"] = timer.run(
-            f"seed{seed}/ppo β={beta}", train_ppo, config, sft, rm_result.model_dir, rows["prompts"],
-            workdir / f"ppo-{beta}", reward_model_eval_accuracy=rm_result.metrics.get("rm/eval_accuracy"),
-        ).model_dir
+        models[f"ppo β={beta}"], _ = run_stage(
+            timer, f"seed{seed}/ppo β={beta}", workdir / f"ppo-{beta}", resume,
+            lambda c, *a: train_ppo(c, *a, reward_model_eval_accuracy=rm_metrics.get("rm/eval_accuracy")),
+            config, sft, rm, rows["prompts"], workdir / f"ppo-{beta}")
     for beta in betas["dpo"]:
         config = DPOConfig(max_steps=recipe.dpo_steps, batch_size=recipe.dpo_batch, learning_rate=recipe.dpo_lr,
                            dpo_beta=beta, **common)
-        models[f"dpo β={beta}"] = timer.run(f"seed{seed}/dpo β={beta}", train_dpo, config, sft, rows["prefs"],
-                                            held_out_prefs, workdir / f"dpo-{beta}").model_dir
-    models["rm_eval_accuracy"] = rm_result.metrics.get("rm/eval_accuracy", float("nan"))
+        models[f"dpo β={beta}"], _ = run_stage(timer, f"seed{seed}/dpo β={beta}", workdir / f"dpo-{beta}", resume,
+                                               train_dpo, config, sft, rows["prefs"][: recipe.dpo_pairs or None],
+                                               held_out_prefs[: recipe.dpo_eval_pairs or None],
+                                               workdir / f"dpo-{beta}")
+    models["rm_eval_accuracy"] = rm_metrics.get("rm/eval_accuracy", float("nan"))
     return models
 
 
@@ -259,6 +286,20 @@ def split_rows(rows: dict) -> dict:
             "eval_prefs": rows["prefs"][:held]}
 
 
+def override_recipe(recipe: Recipe, assignments: str) -> Recipe:
+    """`recipe` with the `field=value` pairs of `assignments` (comma-separated) replaced, values cast to the
+    field's type (tuples of floats: `ppo_betas=0.02/0.05`)."""
+    changes: dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in assignments.split(","))):
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__:
+            raise SystemExit(f"--set: unknown recipe field {key!r}")
+        current = getattr(recipe, key)
+        changes[key] = tuple(float(v) for v in value.split("/")) if isinstance(current, tuple) else \
+            type(current)(value)
+    return replace(recipe, **changes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(RECIPES), default="tiny")
@@ -268,8 +309,15 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data" / "support_bot"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--keep-runs", action="store_true", help="keep runs/bench/quality/<model>/ afterwards")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the stages a previous --keep-runs run of the same recipe finished (their "
+                             "model/ and bench-stage.json in runs/bench/quality/<model>/seedN/) instead of "
+                             "starting over")
+    parser.add_argument("--set", default="", metavar="FIELD=VALUE,...",
+                        help="override fields of the model's recipe, e.g. dpo_steps=10,eval_prompts=16 "
+                             "(reported with the table)")
     args = parser.parse_args()
-    recipe = RECIPES[args.model]
+    recipe = override_recipe(RECIPES[args.model], args.set)
     seeds = [int(s) for s in args.seeds.split(",")]
     betas = {"ppo": recipe.ppo_betas, "dpo": recipe.dpo_betas} if args.frontier == "yes" else \
         {"ppo": (recipe.ppo_beta,), "dpo": (recipe.dpo_beta,)}
@@ -279,8 +327,10 @@ def main() -> None:
     started, timer, per_seed, rm_acc = time.perf_counter(), Timer(), [], []
     for seed in seeds:
         workdir = runs / f"seed{seed}"
-        shutil.rmtree(workdir, ignore_errors=True)
-        models = train_seed(args.model, base, rows, recipe, seed, betas, workdir, timer)
+        if not args.resume:
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        models = train_seed(args.model, base, rows, recipe, seed, betas, workdir, timer, args.resume)
         rm_acc.append(models.pop("rm_eval_accuracy"))
         per_seed.append(evaluate_seed(models, rows, recipe, seed, timer))
     if not args.keep_runs:
@@ -294,11 +344,14 @@ def main() -> None:
         {"recipe": asdict(recipe), "seeds": seeds, "rm_eval_accuracy": rm_acc, "per_seed": per_seed,
          "aggregate": agg, "seconds": timer.seconds}, indent=1, default=str))
     info, ver = machine(), versions()
-    command = f"python bench/quality.py --model {args.model} --seeds {args.seeds} --frontier {args.frontier}"
+    command = f"python bench/quality.py --model {args.model} --seeds {args.seeds} --frontier {args.frontier}" + (
+        f" --set {args.set}" if args.set else "")
     body = "\n".join([
         f"### Quality: {args.model} ({base.name})",
         "",
-        f"`{command}` — {utc_now()}, {time.perf_counter() - started:.0f} s on {info['cpu']} ({info['cores']} "
+        f"`{command}` — {utc_now()}, {sum(timer.seconds.values()):.0f} s of stages"
+        f"{' (reused ones: the wall time of the run that trained them)' if args.resume else ''}, "
+        f"{time.perf_counter() - started:.0f} s this call, on {info['cpu']} ({info['cores']} "
         f"cores, GPU: {info['gpu']}); torch {ver.get('torch')}, transformers {ver.get('transformers')}.",
         "",
         f"Seeds {seeds}; {recipe.eval_prompts} held-out prompts, one sample each per seed (temperature 1, "
