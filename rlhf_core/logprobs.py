@@ -137,7 +137,9 @@ def response_forward(
     # The state before response token t ends at sequence column P - 1 + t: only the last T + 1 positions need
     # logits (a [batch, P + T, V] float32 tensor would dominate memory for long prompts and large vocabularies).
     logits, values = _forward(model, input_ids, attention_mask, logits_to_keep=response_ids.shape[1] + 1)
-    logits = logits[:, :-1].float() / temperature  # [batch, T, V]
+    logits = logits[:, :-1].float()  # [batch, T, V]
+    if temperature != 1.0:  # skip a [batch, T, V] copy in the common case
+        logits = logits / temperature
     logprobs = gather_logprobs(logits, response_ids)
     return ResponseForward(
         logprobs=logprobs,
