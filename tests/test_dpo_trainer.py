@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.interrupt import InterruptAt
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -167,16 +168,6 @@ def test_stale_reference_cache_is_recomputed(tiny_model_dir: Path, tmp_path: Pat
     assert old["fingerprint"] != new["fingerprint"]
     assert not torch.equal(old["logps"], new["logps"])
 
-
-class InterruptAt:
-    """A logger that kills the run (raises) when it sees step `step`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.interrupt import InterruptAt
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
@@ -213,16 +214,6 @@ def test_normalisation_stores_the_offset_as_the_head_bias(
     assert model.score.bias is not None
     assert loaded_scores.mean().item() == pytest.approx(0.0, abs=1e-5)
 
-
-class InterruptAt:
-    """A logger that kills the run (raises) when it sees step `step`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from helpers.interrupt import InterruptAt
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -230,16 +231,6 @@ def test_one_by_eight_equals_eight_by_one_gradient_accumulation(tiny_model_dir: 
             torch.testing.assert_close(g8, g1, atol=1e-6, rtol=1e-5)
     assert results["a"].metrics["sft/loss"] == pytest.approx(results["b"].metrics["sft/loss"], abs=1e-6)
 
-
-class InterruptAt:
-    """A logger that kills the run (raises) when it sees step `step`: the in-process stand-in for a crash."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
