@@ -304,6 +304,8 @@ def run(
 
     # Offline by default (the machine may have no network): no usage telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates a fresh database first: on a busy 2-core machine that overruns Prefect's 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _quiet_library_chatter()
     pairs = list(overrides or [])
     if tracking_uri:
