@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf_core.collection import CollectConfig
 from rlhf_core.generation import SamplingConfig
+from rlhf_core.lengths import LengthPolicy
 from rlhf_core.trainers.dpo import DPOConfig
 from rlhf_core.trainers.ppo import PPOConfig
 from rlhf_core.trainers.reward import RewardConfig
@@ -39,6 +40,17 @@ STAGE_ORDER: tuple[str, ...] = ("validate", "sft", "collect", "reward_model", "p
 TRAINER_SECTIONS: tuple[str, ...] = ("sft", "reward_model", "ppo", "dpo")
 SEEDED_SECTIONS: tuple[str, ...] = (*TRAINER_SECTIONS, "collect")
 TINY_BASE = "tiny"
+# The length limits the pipeline sets to `auto` unless the config names them (section path → field names).
+AUTO_LENGTHS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("sft",): ("max_prompt_len", "max_response_len"),
+    ("reward_model",): ("max_prompt_len", "max_response_len"),
+    ("dpo",): ("max_prompt_len", "max_response_len"),
+    ("ppo",): ("max_prompt_len", "max_new_tokens"),
+    ("collect",): ("max_prompt_len",),
+    ("collect", "sampling"): ("max_new_tokens",),
+    ("evaluation",): ("max_prompt_len",),
+    ("evaluation", "sampling"): ("max_new_tokens",),
+}
 # Read once, at import: `mlflow.set_tracking_uri` writes this variable too, so a later read would see the store of
 # whichever pipeline ran last in this process rather than the user's choice.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -112,8 +124,14 @@ class EvaluationSettings(_Strict):
     """Score responses with the bundled task's gold judge (`rlhf_core.support_bot.gold_score`)."""
     batch_size: int = Field(default=8, gt=0)
     """Prompts per generation / scoring batch."""
-    max_prompt_len: int | None = Field(default=None, gt=0)
-    """Keep the last this-many prompt tokens (None: no limit)."""
+    max_prompt_len: int | Literal["auto"] | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit; "auto": cover the eval prompts, see `lengths`)."""
+
+    @model_validator(mode="after")
+    def _positive_prompt_len(self) -> EvaluationSettings:
+        if isinstance(self.max_prompt_len, int) and self.max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be >= 1, 'auto' or None, got {self.max_prompt_len}")
+        return self
 
 
 class TrackingSettings(_Strict):
@@ -194,6 +212,11 @@ class PipelineConfig(_Strict):
     """Stage directories (checkpoints, models), canonical data, the default MLflow store."""
     datasets: Datasets = Datasets()
     """The data of every stage (validated before any training)."""
+    lengths: LengthPolicy = LengthPolicy()
+    """Token-length limits: every `max_prompt_len`, `max_response_len` and `max_new_tokens` of the stages
+    defaults to `auto`, resolved from the token lengths the validate stage measures with the base model's
+    tokenizer; an explicit limit that cuts more than 1 − `coverage` of the data stops the stage before training
+    (`rlhf_core.lengths`, docs/pitfalls.md)."""
     sft: SFTConfig = SFTConfig()
     """SFT hyper-parameters: `rlhf_core.trainers.sft.SFTConfig`."""
     reward_model: RewardConfig = RewardConfig()
@@ -203,9 +226,10 @@ class PipelineConfig(_Strict):
     ppo: PPOConfig = PPOConfig()
     """PPO hyper-parameters: `rlhf_core.trainers.ppo.PPOConfig`."""
     collect: CollectConfig = CollectConfig()
-    """Preference collection (stage `collect`, only when listed in `stages`): sample K responses per training
-    prompt, have a judge or people rank them; the reward model then trains on those rankings
-    (`rlhf_core.collection.CollectConfig`, docs/collection.md)."""
+    """Preference collection (stage `collect`): sample K responses per training prompt, have a judge or people
+    rank them; the reward model then trains on those rankings (`rlhf_core.collection.CollectConfig`,
+    docs/collection.md). Runs when listed in `stages`, and by default with `algorithm: ppo` when the config has
+    a `collect:` section (the guide's recipe: the RM learns on the samples PPO will see)."""
     evaluation: EvaluationSettings = EvaluationSettings()
     """How the final models are compared."""
     tracking: TrackingSettings = TrackingSettings()
@@ -223,11 +247,45 @@ class PipelineConfig(_Strict):
             data = dict(data)
             for section in SEEDED_SECTIONS:
                 raw = data.get(section)
+                if raw is None and section == "collect":
+                    continue  # a present `collect:` section switches PPO's on-policy recipe on: keep it absent
                 if raw is None:
                     data[section] = {"seed": data["seed"]}
                 elif isinstance(raw, dict) and "seed" not in raw:
                     data[section] = {**raw, "seed": data["seed"]}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lengths_default_to_auto(cls, data: Any) -> Any:
+        """Every length limit the user did not set is `auto` (the library dataclasses keep integer defaults)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for path, names in AUTO_LENGTHS.items():
+            if path[0] not in data and path[0] == "collect":
+                continue  # keep an absent `collect:` absent (see `active_stages`); filled in after validation
+            node = data
+            for i, key in enumerate(path):
+                child = node.get(key)
+                if child is None:
+                    child = {}
+                elif not isinstance(child, dict):
+                    break  # a non-mapping section is reported by validation
+                node[key] = child = dict(child)
+                node = child
+                if i == len(path) - 1:
+                    for name in names:
+                        node.setdefault(name, "auto")
+        return data
+
+    @model_validator(mode="after")
+    def _absent_collect_gets_pipeline_defaults(self) -> PipelineConfig:
+        if "collect" not in self.model_fields_set:  # the defaults a written `collect: {}` would get
+            collect = replace(self.collect, seed=self.seed, max_prompt_len="auto",
+                              sampling=replace(self.collect.sampling, max_new_tokens="auto"))
+            object.__setattr__(self, "collect", collect)  # a frozen model: set once, during validation
+        return self
 
     @model_validator(mode="after")
     def _stages_are_consistent(self) -> PipelineConfig:
@@ -253,8 +311,14 @@ class PipelineConfig(_Strict):
         if self.stages is not None:
             return [s for s in STAGE_ORDER if s in self.stages]
         wanted = {"validate", "sft", self.algorithm, "evaluate"}
-        if self.algorithm == "ppo" or self.evaluation.reward_model:
+        ppo_rm = self.algorithm == "ppo" and self.ppo.uses_reward_model
+        if ppo_rm or self.evaluation.reward_model:
             wanted.add("reward_model")
+        if ppo_rm and "collect" in self.model_fields_set:
+            # The guide's on-policy recipe: the RM learns on rankings of the SFT model's own samples, the
+            # distribution PPO will sample from (docs/pitfalls.md). Only with a `collect:` section, which names
+            # the judge: no task's judge is a default.
+            wanted.add("collect")
         return [s for s in STAGE_ORDER if s in wanted]
 
     def required_upstream(self) -> list[str]:
@@ -265,7 +329,7 @@ class PipelineConfig(_Strict):
             req.add("validate")
         if active & {"collect", "reward_model", "ppo", "dpo", "evaluate"}:
             req.add("sft")
-        if "ppo" in active:
+        if "ppo" in active and self.ppo.uses_reward_model:
             req.add("reward_model")
         return sorted(req)
 

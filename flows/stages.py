@@ -34,7 +34,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "collect": ("policy",),
     "reward_model": ("sft",),
     "dpo": ("sft",),
-    "ppo": ("sft", "reward_model"),
+    "ppo": ("sft",),  # + "reward_model" when ppo.reward_model_weight > 0
     "evaluate": ("sft", "policy"),
 }
 
@@ -50,7 +50,7 @@ def _run(env: StageEnv, stage: str, validated: StagePointer, up: dict[str, Stage
     if stage == "dpo":
         return dpo_task.with_options(**opts)(env, validated, up["sft"])
     if stage == "ppo":
-        return ppo_task.with_options(**opts)(env, validated, up["sft"], up["reward_model"])
+        return ppo_task.with_options(**opts)(env, validated, up["sft"], up.get("reward_model"))
     models = {"sft": up["sft"], "policy": up["policy"]}
     if "base" in env.config.evaluation.models:
         models = {"base": resolve_base_model(env.config), **models}
@@ -71,7 +71,8 @@ def run_single_stage(stage: str, config_path: str, upstream: dict[str, Any] | No
     env = start_pipeline_run(config, flow_name=f"stage:{stage}")
     pointers: dict[str, StagePointer] = {}
     try:
-        pointers["validate"] = validate_task.with_options(**config.prefect.for_stage("validate"))(env)
+        pointers["validate"] = validate_task.with_options(**config.prefect.for_stage("validate"))(
+            env, resolve_base_model(config))
         if stage != "validate":
             pointers[stage] = _run(env, stage, pointers["validate"], up)
     except BaseException:

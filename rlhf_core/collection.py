@@ -85,8 +85,9 @@ class CollectConfig:
     """How responses are sampled; its `seed` is replaced by `seed + batch index` (recorded per item)."""
     batch_size: int = 8
     """Prompts per generation batch (each prompt repeated K times in the batch)."""
-    max_prompt_len: int | None = 256
-    """Keep the last this-many prompt tokens when sampling (None: no limit)."""
+    max_prompt_len: int | Literal["auto"] | None = 256
+    """Keep the last this-many prompt tokens when sampling (None: no limit; "auto": cover 95% of the prompts,
+    resolved by the pipeline)."""
     labeler: Literal["judge", "human"] = "judge"
     """`judge`: rank with `judge` unattended; `human`: people rank in the labeling page (`rlhf label`)."""
     judge: str = "gold"
@@ -110,7 +111,7 @@ class CollectConfig:
             raise ValueError(f"num_prompts must be >= 1 or None, got {self.num_prompts}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+        if self.max_prompt_len not in (None, "auto") and self.max_prompt_len < 1:
             raise ValueError(f"max_prompt_len must be >= 1 or None, got {self.max_prompt_len}")
         if self.model not in ("sft", "base"):
             raise ValueError(f"model must be 'sft' or 'base', got {self.model!r}")

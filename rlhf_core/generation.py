@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import transformers
@@ -44,8 +45,9 @@ CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0
 class SamplingConfig:
     """How responses are sampled."""
 
-    max_new_tokens: int = 64
-    """Hard cap on response length; a row that reaches it without EOS has `ended_with_eos = False`."""
+    max_new_tokens: int | Literal["auto"] = 64
+    """Hard cap on response length; a row that reaches it without EOS has `ended_with_eos = False` ("auto":
+    from the data's response lengths, resolved by the pipeline, `rlhf_core.lengths`)."""
     temperature: float = 1.0
     """Logits are divided by this before filtering and sampling (and the log-probs describe that distribution)."""
     top_p: float = 1.0
@@ -58,7 +60,7 @@ class SamplingConfig:
     """Seed of a private generator for the draws (None: the global torch RNG)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens != "auto" and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
@@ -186,6 +188,9 @@ def generate(
     Works with a `PolicyWithValueHead` (its body generates) or any causal LM. The model runs in eval mode (no
     dropout) and is put back in its previous mode afterwards.
     """
+    if config.max_new_tokens == "auto" or max_prompt_len == "auto":
+        raise ValueError("max_new_tokens / max_prompt_len 'auto' must be resolved from the data before sampling "
+                         "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set to integers")
     body = model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(body.parameters()).device

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rlhf_core.trainers.dpo import train_dpo
+from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import DataRef, StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 
@@ -27,13 +28,15 @@ def preference_pairs(ref: DataRef) -> list[dict]:
 def dpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer) -> StagePointer:
     """Train the DPO policy from the SFT model; returns the policy pointer."""
     data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}
+    config = resolve_stage_lengths(env.config.dpo, env.config.lengths, "dpo", measured(validated, DATA, "prompt"),
+                                   measured(validated, DATA, "response"))
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = preference_pairs(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_dpo(env.config.dpo, sft.model_dir, preference_pairs(data["preference_train"]), eval_rows,
+        result = train_dpo(config, sft.model_dir, preference_pairs(data["preference_train"]), eval_rows,
                            run.output_dir, run.logger)
         return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
                             resumed_from_step=result.resumed_from_step, curves=CURVES)
 
-    return run_stage(env, "dpo", stage_config=env.config.dpo, data=data, upstream={"sft": sft},
+    return run_stage(env, "dpo", stage_config=config, data=data, upstream={"sft": sft},
                      lineage={"validate": validated, "reference": sft}, execute=execute)

@@ -17,7 +17,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rlhf_core.evaluation import evaluate_models
+from rlhf_core.lengths import resolve_length
 from tasks import tracking
+from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 
@@ -56,7 +58,14 @@ def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, Stag
     Returns a pointer whose `metrics` are the policy's (else the last model's) `eval/*` values and whose
     `extra["model_runs"]` maps each model to its nested run.
     """
+    policy = env.config.lengths
     cfg = env.config.evaluation
+    cfg = cfg.model_copy(update={
+        "sampling": resolve_stage_lengths(cfg.sampling, policy, "evaluation.sampling", None,
+                                          sampling_lengths(validated)),
+        "max_prompt_len": resolve_length("max_prompt_len", cfg.max_prompt_len,
+                                         measured(validated, ("prompts_eval",), "prompt"), policy, False,
+                                         "evaluation.")})
     data = {"prompts_eval": validated.datasets["prompts_eval"]}
     rm = reward_model if cfg.reward_model else None
 
@@ -75,7 +84,8 @@ def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, Stag
         table = pd.DataFrame([{k: v if isinstance(v, (str, int, float)) or v is None else tracking.to_json(v)
                                for k, v in row.items()} for row in report.samples])
         run.client.log_table(run.run_id, data=table, artifact_file=SAMPLES_TABLE)
-        return StageOutcome(metrics=headline, extra={"model_runs": model_runs, "per_model": per_model})
+        return StageOutcome(metrics=headline, extra={"model_runs": model_runs, "per_model": per_model,
+                                                     "baseline": report.baseline})
 
     upstream: dict[str, StagePointer] = dict(models)
     if rm is not None:

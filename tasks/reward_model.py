@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers import AutoTokenizer
 
+from rlhf_core.lengths import measure_lengths, merge_stats
 from rlhf_core.trainers.reward import train_reward_model
+from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 
@@ -23,13 +26,20 @@ def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
     if "preference_train" not in data:
         raise ValueError("reward_model: no training comparisons (configure datasets.preferences or the collect stage)")
     upstream = {"sft": sft} if collected is None else {"sft": sft, "collect": collected}
+    if collected is None:
+        prompt, response = measured(validated, DATA, "prompt"), measured(validated, DATA, "response")
+    else:  # the collected rankings: measured here, with the SFT model's tokenizer (the base model's)
+        tokenizer = AutoTokenizer.from_pretrained(sft.model_dir)
+        stats = [measure_lengths(tokenizer, read_rows(ref), ref.kind) for ref in data.values()]
+        prompt, response = merge_stats(*(s["prompt"] for s in stats)), merge_stats(*(s["response"] for s in stats))
+    config = resolve_stage_lengths(env.config.reward_model, env.config.lengths, "reward_model", prompt, response)
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = read_rows(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_reward_model(env.config.reward_model, sft.model_dir, read_rows(data["preference_train"]),
+        result = train_reward_model(config, sft.model_dir, read_rows(data["preference_train"]),
                                     eval_rows, run.output_dir, run.logger)
         return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
                             resumed_from_step=result.resumed_from_step, curves=CURVES)
 
-    return run_stage(env, "reward_model", stage_config=env.config.reward_model, data=data, upstream=upstream,
+    return run_stage(env, "reward_model", stage_config=config, data=data, upstream=upstream,
                      lineage={"validate": validated}, execute=execute)

@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from transformers import AutoTokenizer
 
+from rlhf_core.lengths import LengthStats, measure_lengths
 from schemas import DataValidationError, content_digest, load_rows, train_eval_split
 from tasks import tracking
+from tasks.lengths import LENGTHS_KEY
 from tasks.pointers import DataRef, StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 
 if TYPE_CHECKING:
     from flows.config import DatasetSource
@@ -125,14 +128,37 @@ def validate_datasets(env: StageEnv) -> dict[str, DataRef]:
     return refs
 
 
+def measure_datasets(refs: dict[str, DataRef], tokenizer_dir: str) -> dict[str, dict[str, LengthStats]]:
+    """Token lengths of every stored dataset, with the base model's tokenizer, as the trainers encode them."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return {name: measure_lengths(tokenizer, read_rows(ref), ref.kind) for name, ref in refs.items()}
+
+
+def _lengths_table(lengths: dict[str, dict[str, LengthStats]]) -> str:
+    lines = ["", "## Token lengths (base model's tokenizer, chat template and end-of-turn included)", "",
+             "| dataset | field | rows | p50 | p95 | max |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, fields in lengths.items():
+        for field, stats in fields.items():
+            s = stats.summary()
+            lines.append(f"| {name} | {field} | {s['count']} | {s['p50']} | {s['p95']} | {s['max']} |")
+    return "\n".join(lines) + "\n"
+
+
 @task(name="validate", cache_policy=NO_CACHE, persist_result=False)
-def validate_task(env: StageEnv) -> StagePointer:
-    """Validate the data; returns a pointer whose `datasets` every training stage reads."""
+def validate_task(env: StageEnv, base: StagePointer) -> StagePointer:
+    """Validate the data and measure its token lengths with the `base` model's tokenizer; returns a pointer whose
+    `datasets` every training stage reads and whose `extra["lengths"]` resolves their `auto` length limits."""
     refs = validate_datasets(env)
     settings: dict[str, Any] = {"datasets": env.config.datasets.model_dump(mode="json"), "seed": env.config.seed}
 
     def execute(run: StageRun) -> StageOutcome:
-        tracking.log_text(run.client, run.run_id, _summary(refs), "validation_report.md")
-        return StageOutcome(datasets=refs, extra={"num_rows": {n: r.num_rows for n, r in refs.items()}})
+        lengths = measure_datasets(refs, str(base.model_dir))
+        tracking.log_text(run.client, run.run_id, _summary(refs) + _lengths_table(lengths), "validation_report.md")
+        metrics = {f"lengths/{name}/{field}_{k}": float(v) for name, fields in lengths.items()
+                   for field, stats in fields.items() for k, v in stats.summary().items() if k != "count"}
+        run.logger.log_metrics(metrics, step=0)
+        return StageOutcome(datasets=refs, metrics=metrics, extra={
+            "num_rows": {n: r.num_rows for n, r in refs.items()},
+            LENGTHS_KEY: {n: {f: s.to_json() for f, s in fields.items()} for n, fields in lengths.items()}})
 
-    return run_stage(env, "validate", stage_config=settings, data=refs, upstream={}, execute=execute)
+    return run_stage(env, "validate", stage_config=settings, data=refs, upstream={"base": base}, execute=execute)

@@ -45,8 +45,11 @@ def test_stage_sections_are_the_core_dataclasses_with_their_own_defaults(tmp_pat
     for f in fields(SFTConfig):
         if f.name not in ("max_steps", "lora"):
             assert getattr(cfg.sft, f.name) == getattr(SFTConfig(), f.name), f.name
-    assert cfg.reward_model == RewardConfig() and cfg.ppo == PPOConfig()
-    assert cfg.evaluation.sampling == SamplingConfig()
+    assert cfg.reward_model == RewardConfig()
+    # ... except the sampling limits, which the pipeline resolves from the data (`auto`, docs/pitfalls.md).
+    assert cfg.ppo == PPOConfig(max_new_tokens="auto")
+    assert cfg.evaluation.sampling == SamplingConfig(max_new_tokens="auto")
+    assert cfg.collect.sampling.max_new_tokens == "auto" and cfg.collect.max_prompt_len == "auto"
 
 
 def test_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_core.callbacks import MetricLogger
+from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.logprobs import sequence_logprobs
 from rlhf_core.losses import DPOLossType, dpo_loss
 from rlhf_core.models import disable_dropout
@@ -67,10 +68,11 @@ class DPOConfig(TrainerConfig):
     """"sigmoid" (DPO), "ipo" or "hinge" (SLiC); see `rlhf_core.losses.dpo_loss`."""
     label_smoothing: float = 0.0
     """Conservative DPO: assumed probability ε ∈ [0, 0.5] that a label is flipped (sigmoid only)."""
-    max_prompt_len: int | None = 256
-    """Keep the last this-many prompt tokens (None: no limit)."""
-    max_response_len: int | None = 256
-    """Keep the first this-many tokens of each response (None: no limit)."""
+    max_prompt_len: int | Auto | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit;
+    "auto": cover 95% of the prompts, `rlhf_core.lengths`)."""
+    max_response_len: int | Auto | None = "auto"
+    """Keep the first this-many tokens of each response (None: no limit; "auto": cover 95% of the responses)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -291,6 +293,7 @@ def train_dpo(
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
+    config = resolve_from_rows(config, tokenizer, train_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32))
     if config.lora is not None:

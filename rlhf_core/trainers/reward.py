@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_core.callbacks import MetricLogger
+from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.models import disable_dropout, last_token_index, reward_model_from_causal_lm, unwrap_peft
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response
@@ -59,10 +60,11 @@ class RewardConfig(TrainerConfig):
 
     learning_rate: float = 1e-5
     """Peak learning rate of AdamW."""
-    max_prompt_len: int | None = 256
-    """Keep the last this-many prompt tokens (None: no limit)."""
-    max_response_len: int | None = 256
-    """Keep the first this-many tokens of each response (None: no limit)."""
+    max_prompt_len: int | Auto | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit;
+    "auto": cover 95% of the prompts, `rlhf_core.lengths`)."""
+    max_response_len: int | Auto | None = "auto"
+    """Keep the first this-many tokens of each response (None: no limit; "auto": cover 95% of the responses)."""
     normalize_rewards: bool = False
     """Shift the head's bias so the training rows' responses score mean 0 (see the module docstring)."""
 
@@ -255,6 +257,7 @@ def train_reward_model(
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
+    config = resolve_from_rows(config, tokenizer, train_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = disable_dropout(
         reward_model_from_causal_lm(sft_model_path, dtype=torch.float32, seed=config.seed)

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_core.callbacks import MetricLogger
+from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.losses import sft_loss
 from rlhf_core.models import disable_dropout
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response
@@ -49,10 +50,12 @@ class SFTConfig(TrainerConfig):
 
     learning_rate: float = 5e-5
     """Peak learning rate of AdamW."""
-    max_prompt_len: int | None = 256
-    """Keep the last this-many prompt tokens (None: no limit)."""
-    max_response_len: int | None = 256
-    """Keep the first this-many response tokens (None: no limit); a cut response has no EOS target."""
+    max_prompt_len: int | Auto | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit;
+    "auto": cover 95% of the prompts, `rlhf_core.lengths`)."""
+    max_response_len: int | Auto | None = "auto"
+    """Keep the first this-many response tokens (None: no limit; "auto": cover 95%
+    of the responses); a cut response has no EOS target."""
     packing: bool = False
     """Pack each micro-batch's samples into rows of `pack_length` tokens, attention isolated per sample."""
     pack_length: int = 1024
@@ -221,6 +224,7 @@ def train_sft(
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = resolve_from_rows(config, tokenizer, train_rows)
     model = disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
     if config.lora is not None:
         model = apply_lora(model, config.lora)
