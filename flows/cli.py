@@ -330,6 +330,10 @@ def run(
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     console.rule()
     _print_where_to_look(cfg, flow_run_id, result)
+    table = result.results_table() if result is not None else None
+    if table:
+        console.rule("[bold]result[/]: the evaluated models on the held-out prompts")
+        console.print(escape(table))
     if not state.is_completed():
         raise _fail(f"pipeline finished in state {state.name}: {state.message or ''}")
 

@@ -23,6 +23,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, dump_config, load_config
+from rlhf_core.evaluation import results_table
 from tasks import tracking
 from tasks.base_model import resolve_base_model
 from tasks.collect import collect_task
@@ -63,6 +64,13 @@ class PipelineResult(BaseModel):
     flow_run_id: str | None
     stages: dict[str, StagePointer]
     registered: RegisteredPolicy | None = None
+
+    def results_table(self) -> str | None:
+        """The evaluate stage's comparison as a plain-text table (None without an evaluate stage)."""
+        evaluation = self.stages.get("evaluate")
+        if evaluation is None or "per_model" not in evaluation.extra:
+            return None
+        return results_table(evaluation.extra["per_model"], evaluation.extra.get("baseline"))
 
     def executed(self) -> list[str]:
         """Stages trained (or validated) now, not taken from the cache."""
@@ -137,10 +145,11 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
     """Run the config's active stages in order; returns every stage's pointer (plus `base`)."""
     cfg = env.config
     active = cfg.active_stages()
-    out: dict[str, StagePointer] = {"validate": validate_task.with_options(**_opts(cfg, "validate"))(env)}
+    base = resolve_base_model(cfg)
+    out: dict[str, StagePointer] = {"validate": validate_task.with_options(**_opts(cfg, "validate"))(env, base)}
     if "sft" not in active:
         return out
-    base = out["base"] = resolve_base_model(cfg)
+    out["base"] = base
     sft = out["sft"] = sft_task.with_options(**_opts(cfg, "sft"))(env, out["validate"], base)
     collected = None
     if "collect" in active:
@@ -153,7 +162,7 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
     policy = None
     if "dpo" in active:
         policy = out["dpo"] = dpo_task.with_options(**_opts(cfg, "dpo"))(env, out["validate"], sft)
-    if "ppo" in active and rm is not None:
+    if "ppo" in active:
         policy = out["ppo"] = ppo_task.with_options(**_opts(cfg, "ppo"))(env, out["validate"], sft, rm)
     if "evaluate" in active:
         available = {"base": base, "sft": sft, "policy": policy}
@@ -226,6 +235,9 @@ def rlhf_pipeline(config_path: str, overrides: list[str] | None = None) -> Pipel
         stages={s: p for s, p in pointers.items() if s != "base"}, registered=registered)
     print(f"pipeline {config.name!r} done: executed {result.executed() or 'nothing (all cached)'}; "
           f"MLflow: {result.mlflow_run_url}")
+    table = result.results_table()
+    if table:
+        print(f"evaluation on {config.evaluation.num_prompts or 'all'} held-out prompts:\n{table}")
     return result
 
 

@@ -328,3 +328,36 @@ def evaluate_models(
         samples=samples_table(prompts, list(results.values())),
         baseline=baseline,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The result a user ran the pipeline for
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pm(metrics: Mapping[str, float], name: str) -> str:
+    if name not in metrics:
+        return "–"
+    err = metrics.get(f"{name}_stderr")
+    return f"{metrics[name]:.3f} ± {err:.3f}" if err is not None else f"{metrics[name]:.3f}"
+
+
+def results_table(per_model: Mapping[str, Mapping[str, float]], baseline: str | None = None) -> str:
+    """The evaluation as a plain-text table: one row per model — gold score ± s.e., RM score ± s.e., win rates
+    against the baseline (gold, RM; a tie counts ½), KL to the reference (nats per response), mean length in
+    tokens, no-EOS share."""
+    header = ("model", "gold score", "RM score", f"gold win vs {baseline or 'baseline'}", "RM win", "KL", "length",
+              "no-EOS")
+    rows = [header]
+    for name, m in per_model.items():
+        rows.append((name, _pm(m, "eval/gold_score"), _pm(m, "eval/rm_score"),
+                     f"{m['eval/win_rate_gold']:.2f}" if "eval/win_rate_gold" in m else "–",
+                     f"{m['eval/win_rate_rm']:.2f}" if "eval/win_rate_rm" in m else "–",
+                     f"{m['eval/kl_to_ref']:.2f}" if "eval/kl_to_ref" in m else "–",
+                     f"{m.get('eval/response_length', math.nan):.1f}",
+                     f"{m.get('eval/no_eos_fraction', math.nan):.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -3,8 +3,9 @@
     1. sample     responses from the current policy π_old (`generation.generate`, temperature τ, no top-k/top-p)
                   keeping the sampler's own log-probs  log π_old(a_t | s_t)
     2. forward    values V(s_t) of the critic and log π_ref(a_t | s_t) of the frozen reference (same τ)
-    3. score      the RM on prompt + response (`models.score_sequences`), then shaping: normalise with running
-                  moments, clip, and replace the score of a response that never emitted EOS by a fixed value
+    3. score      the RM on prompt + response and/or reward functions of the text (`rewards.RewardScorer`), then
+                  shaping: normalise with running moments, clip, and replace the score of a response that never
+                  emitted EOS by a fixed value
     4. rewards    R_t = −β·KL_t + 1[t = last]·score              (`losses.kl_penalized_rewards`)
     5. GAE        A_t, returns_t = A_t + V(s_t)                  (`losses.gae`)
 
@@ -28,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_core.generation import GenerationOutput, SamplingConfig, generate
 from rlhf_core.logprobs import response_forward
 from rlhf_core.losses import gae, kl_penalized_rewards, masked_mean, masked_sum
-from rlhf_core.models import score_sequences
+from rlhf_core.rewards import RewardScorer, as_scorer
 from rlhf_core.tokenization import Conversation
 from rlhf_core.trainers.common import reference_model
 
@@ -101,7 +102,7 @@ class Experience:
     old_values: torch.Tensor
     """`[B, T]` V_old(s_t) of the critic at rollout time (float32)."""
     rm_scores: torch.Tensor
-    """`[B]` raw reward-model scores."""
+    """`[B]` raw scores (the reward model's, or the weighted sum of `rewards.RewardScorer`), before shaping."""
     scores: torch.Tensor
     """`[B]` shaped scores that enter the rewards (normalised, clipped, no-EOS penalty)."""
     ended_with_eos: torch.Tensor
@@ -204,16 +205,6 @@ def shape_scores(
 
 
 @torch.no_grad()
-def score_responses(reward_model: nn.Module, rollout: GenerationOutput) -> torch.Tensor:
-    """RM score `[B]` of each `prompt + response` of the rollout, read at the last real token (the final EOS
-    when the row ended, else the last sampled token)."""
-    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # [B, P+T]
-    attention_mask = torch.cat([rollout.prompt_attention_mask, rollout.response_mask.to(
-        rollout.prompt_attention_mask.dtype)], dim=1)
-    return score_sequences(reward_model, input_ids, attention_mask)
-
-
-@torch.no_grad()
 def reference_logprobs(
     actor: nn.Module, reference: nn.Module | None, rollout: GenerationOutput, temperature: float
 ) -> torch.Tensor:
@@ -248,7 +239,7 @@ def make_experience(
     model: nn.Module,
     actor: nn.Module,
     reference: nn.Module | None,
-    reward_model: nn.Module,
+    scorer: RewardScorer | nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Conversation],
     config: ExperienceConfig,
@@ -259,7 +250,8 @@ def make_experience(
     """Collect one batch of experience (steps 1–5 of the module docstring) from `prompts`.
 
     `model` is the actor-critic (forward → `(logits, values)`); `actor` the causal LM inside it that samples;
-    `reference` the frozen π_ref (None: `actor` is a LoRA model, π_ref = adapters disabled); `kl_coef` the β of
+    `reference` the frozen π_ref (None: `actor` is a LoRA model, π_ref = adapters disabled); `scorer` the reward
+    (`rewards.RewardScorer`: RM and/or reward functions; a bare reward model means 1 · RM); `kl_coef` the β of
     this iteration; `seed` seeds the sampler (None: the global torch RNG).
     """
     # 1. sample: the old log-probs are the sampler's own (PITFALLS 1)
@@ -269,7 +261,7 @@ def make_experience(
     old_values = critic_values(model, rollout, config.temperature)
     ref_logprobs = reference_logprobs(actor, reference, rollout, config.temperature)
     # 3. score and shape
-    rm_scores = score_responses(reward_model, rollout)
+    rm_scores = as_scorer(scorer)(prompts, rollout)
     scores = shape_scores(rm_scores, rollout.ended_with_eos, config, moments)
     # 4. per-token rewards with the KL penalty
     rewards, kl = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, response_mask, kl_coef,
@@ -324,6 +316,7 @@ def experience_metrics(experience: Experience) -> dict[str, float]:
         "score_mean": float(experience.rm_scores.mean()),
         "score_std": float(experience.rm_scores.std()) if len(experience) > 1 else 0.0,
         "shaped_score_mean": float(experience.scores.mean()),
+        "shaped_score_std": float(experience.scores.std()) if len(experience) > 1 else 0.0,
         "kl": float(sequence_kl(experience.kl, mask).mean()),
         "reward_mean": float(masked_sum(experience.rewards, mask, dim=1).mean()),
         "value_mean": float(masked_mean(values, mask)),

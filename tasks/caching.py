@@ -144,3 +144,15 @@ def write_active_run(directory: Path, run_id: str | None) -> None:
         path.unlink(missing_ok=True)
     else:
         path.write_text(run_id)
+
+
+def module_source_digest(spec: str) -> str:
+    """What a `"module:function"` setting's results depend on beyond the code version: the sha256 of the named
+    module's source file (the spec itself when the module is not a plain file), so editing a user's judge or
+    reward function invalidates the stages that used it."""
+    import importlib.util
+
+    spec_ = importlib.util.find_spec(spec.partition(":")[0])
+    if spec_ is not None and spec_.origin and Path(spec_.origin).is_file():
+        return "sha256:" + hashlib.sha256(Path(spec_.origin).read_bytes()).hexdigest()
+    return spec

@@ -28,8 +28,6 @@ artifacts under `collection/`.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from rlhf_core.collection import (
 from schemas import content_digest, load_rows
 from tasks import caching, tracking
 from tasks.base_model import directory_digest
+from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import DataRef, StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 from tasks.validate import store_rows
@@ -122,9 +121,7 @@ def _judge_digest(settings: CollectConfig) -> str:
     if settings.judge == "reward_model":
         return directory_digest(Path(settings.reward_model_path or ""))
     if ":" in settings.judge:
-        spec = importlib.util.find_spec(settings.judge.partition(":")[0])
-        if spec is not None and spec.origin and Path(spec.origin).is_file():
-            return "sha256:" + hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+        return caching.module_source_digest(settings.judge)
     return settings.judge
 
 
@@ -153,6 +150,8 @@ def collect_task(env: StageEnv, validated: StagePointer, policy: StagePointer,
     if settings is None:
         raise ValueError("collect: no settings given and the pipeline config has no `collect` section")
     prompts = validated.datasets[PROMPTS]
+    settings = resolve_stage_lengths(settings, env.config.lengths, STAGE, measured(validated, (PROMPTS,), "prompt"),
+                                     sampling_lengths(validated))
     directory = collection_dir(env, settings, policy, prompts)
     task_file, answers_dir = directory / TASK_FILE, default_answers_dir(directory / TASK_FILE)
     # What the result depends on beyond the settings, prompts, policy and code enters the key as extra params.

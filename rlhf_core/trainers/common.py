@@ -242,22 +242,32 @@ def _has_accelerator_device() -> bool:
 
 
 def check_length_limits(config: object, *names: str) -> None:
-    """Each named token limit of `config` is a positive int or None (no limit)."""
+    """Each named token limit of `config` is a positive int, None (no limit) or "auto" (from the data,
+    `rlhf_core.lengths`)."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be > 0 or None, got {value}")
+        if value == "auto" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, None or 'auto', got {value!r}")
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
+def build_optimizer(
+    model: torch.nn.Module, config: TrainerConfig, own_rates: Sequence[tuple[Sequence[torch.nn.Parameter], float]] = ()
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay.
+
+    `own_rates`: `(parameters, peak learning rate)` for parameters that learn at their own rate (PPO's value
+    head); the schedule scales every group alike."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    special = {id(p): lr for group, lr in own_rates for p in group}
+    groups = []
+    for lr in dict.fromkeys((config.learning_rate, *special.values())):
+        mine = [p for p in params if special.get(id(p), config.learning_rate) == lr]
+        groups += [
+            {"params": [p for p in mine if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
+            {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
     # The fused kernel does the whole update in one pass per tensor (SFT step time -15% on CPU, bench/RESULTS.md);
     # it needs floating-point parameters on a device that has it.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -622,6 +632,7 @@ def start_session(
     output_dir: str | Path,
     logger: MetricLogger | None = None,
     checkpoint_objects: Sequence[Any] = (),
+    own_rates: Sequence[tuple[Sequence[torch.nn.Parameter], float]] = (),
 ) -> Session:
     """Prepare `model` and a fresh AdamW + scheduler with `accelerator`, then resume from the newest complete
     checkpoint of `output_dir` if there is one.
@@ -631,7 +642,7 @@ def start_session(
     models (reference, reward model) just move to `accelerator.device`, so checkpoints never hold them.
     """
     output_dir = Path(output_dir)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, own_rates)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is not prepared: accelerate would step it once per process per step.
     scheduler = build_scheduler(optimizer, config)

@@ -41,7 +41,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -61,11 +61,12 @@ from rlhf_core.experience import (
     experience_metrics,
     make_experience,
     reference_logprobs,
-    score_responses,
     sequence_kl,
 )
 from rlhf_core.generation import generate
+from rlhf_core.guards import DeadSignalError, reward_signal_problem
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
+from rlhf_core.lengths import Auto, resolve_from_rows, unresolved
 from rlhf_core.logprobs import response_forward
 from rlhf_core.losses import entropy_from_logits, ppo_policy_loss, ppo_total_loss, value_loss, whiten
 from rlhf_core.models import (
@@ -74,6 +75,7 @@ from rlhf_core.models import (
     load_reward_model,
     score_sequences,
 )
+from rlhf_core.rewards import RewardScorer, build_scorer
 from rlhf_core.tokenization import (
     collate_right_padded,
     encode_prompt_response,
@@ -89,6 +91,7 @@ from rlhf_core.trainers.common import (
     all_reduce_sum,
     apply_lora,
     backward_normalized,
+    check_length_limits,
     ensure_finite,
     freeze,
     is_peft_model,
@@ -139,12 +142,13 @@ class PPOConfig(TrainerConfig):
     """Adaptive KL control towards this per-response KL (None: β stays at `kl_coef`)."""
     kl_horizon: float = 10000.0
     """Horizon (in episodes) of the adaptive KL controller."""
-    max_new_tokens: int = 64
-    """Longest sampled response."""
+    max_new_tokens: int | Auto = 64
+    """Longest sampled response ("auto": from the demonstrations' lengths, resolved by the pipeline,
+    `rlhf_core.lengths`)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (the losses use the same tempered distribution)."""
-    max_prompt_len: int | None = 256
-    """Keep the last this-many prompt tokens (None: no limit)."""
+    max_prompt_len: int | Auto | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit; "auto": cover 95% of the prompts)."""
     missing_eos_score: float | None = -1.0
     """Score that replaces the RM's for a response without EOS (None: no penalty)."""
     score_norm: ScoreNorm = "none"
@@ -153,8 +157,21 @@ class PPOConfig(TrainerConfig):
     """Clip the normalised score to ±this (None: no clipping)."""
     critic: CriticKind = "shared"
     """"shared": value head on the policy body; "separate": a critic initialised from the reward model."""
+    value_learning_rate: float | None = None
+    """Peak learning rate of the critic-only parameters (the value head, or the separate critic); None: the
+    policy's `learning_rate`."""
     value_warmup_iterations: int = 0
     """First iterations that update only the critic (value head, or the separate critic); the policy waits."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score in the reward (0: no reward model; then `reward_functions` alone)."""
+    reward_functions: dict[str, float] = field(default_factory=dict)
+    """`{"module:function": weight}`: functions `f(prompt, response_text) -> float` added to the reward (imports and
+    runs that code; `rlhf_core.rewards`)."""
+    dead_signal: Literal["raise", "warn"] = "raise"
+    """What to do when the first `dead_signal_iterations` rollouts carry no reward signal (scores all equal, or
+    ≥ 90% of responses cut before EOS): stop with the reason and the fix, or warn and go on."""
+    dead_signal_iterations: int = 2
+    """How many first iterations the dead-signal check looks at (0: no check)."""
     min_reward_model_accuracy: float = 0.55
     """Held-out pairwise accuracy below which the reward model counts as at chance (PITFALLS 2)."""
     weak_reward_model: Literal["raise", "warn"] = "raise"
@@ -162,7 +179,9 @@ class PPOConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.experience_config()  # validates the rollout fields
+        check_length_limits(self, "max_prompt_len", "max_new_tokens")
+        if not unresolved(self):
+            self.experience_config()  # validates the rollout fields
         minibatch = self.batch_size * self.grad_accum_steps
         if self.rollout_batch_size <= 0 or self.rollout_batch_size % minibatch:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a positive multiple of "
@@ -177,8 +196,31 @@ class PPOConfig(TrainerConfig):
             raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}")
         if self.value_warmup_iterations < 0 or self.weak_reward_model not in ("raise", "warn"):
             raise ValueError("need value_warmup_iterations >= 0 and weak_reward_model in ('raise', 'warn')")
+        self._check_reward_fields()
+
+    def _check_reward_fields(self) -> None:
+        if self.dead_signal not in ("raise", "warn") or self.dead_signal_iterations < 0:
+            raise ValueError("need dead_signal in ('raise', 'warn') and dead_signal_iterations >= 0")
+        if self.reward_model_weight < 0:
+            raise ValueError(f"reward_model_weight must be >= 0, got {self.reward_model_weight}")
+        if any(":" not in spec for spec in self.reward_functions):
+            raise ValueError(f"reward_functions keys must be 'module:function', got {list(self.reward_functions)}")
+        if self.reward_model_weight == 0 and not self.reward_functions:
+            raise ValueError("reward_model_weight is 0 and there are no reward_functions: nothing to optimise")
+        if self.reward_model_weight == 0 and self.critic == "separate":
+            raise ValueError("critic='separate' starts the critic from the reward model: it needs "
+                             "reward_model_weight > 0")
+        if self.value_learning_rate is not None and not self.value_learning_rate > 0:
+            raise ValueError(f"value_learning_rate must be > 0 or None, got {self.value_learning_rate}")
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model_weight > 0
 
     def experience_config(self) -> ExperienceConfig:
+        if unresolved(self):
+            raise ValueError(f"PPO lengths {unresolved(self)} are 'auto': resolve them from the data first "
+                             "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers")
         return ExperienceConfig(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_prompt_len=self.max_prompt_len,
             kl_estimator=self.kl_estimator, gamma=self.gamma, gae_lambda=self.gae_lambda,
@@ -436,12 +478,12 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 def evaluate_on_prompts(
     session: Session,
     reference: nn.Module | None,
-    reward_model: nn.Module,
+    scorer: RewardScorer,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence,
     config: PPOConfig,
 ) -> dict[str, float]:
-    """RM score, per-response KL to the reference, length and no-EOS share of the current policy on held-out
+    """Reward score (RM and/or reward functions, before shaping), per-response KL to the reference, length and no-EOS share of the current policy on held-out
     prompts (the same sampling seed at every evaluation, so evaluations compare), as `ppo/eval_*`."""
     accelerator = session.accelerator
     actor = session.unwrapped.pretrained_model
@@ -452,7 +494,7 @@ def evaluate_on_prompts(
         rollout = generate(actor, tokenizer, chunk, xcfg.sampling(iteration_seed(config.seed, i, accelerator.
                            process_index, 2)), max_prompt_len=config.max_prompt_len)
         ref = reference_logprobs(actor, reference, rollout, config.temperature)
-        sums["score"] += float(score_responses(reward_model, rollout).sum())
+        sums["score"] += float(scorer(chunk, rollout).sum())
         sums["kl"] += float(sequence_kl(rollout.logprobs - ref, rollout.response_mask).sum())
         sums["length"] += float(rollout.response_mask.sum())
         sums["no_eos"] += float((~rollout.ended_with_eos).sum())
@@ -461,6 +503,22 @@ def evaluate_on_prompts(
     n = max(sums["count"], 1.0)
     return {"ppo/eval_score_mean": sums["score"] / n, "ppo/eval_kl": sums["kl"] / n,
             "ppo/eval_response_length": sums["length"] / n, "ppo/eval_no_eos_fraction": sums["no_eos"] / n}
+
+
+def check_signal(config: PPOConfig, state: TrainState, rollout: dict[str, float], iteration: int) -> None:
+    """Keep the first iterations' rollout metrics in the (checkpointed) state; after the last of them, stop or
+    warn when none carried a reward signal (`guards.reward_signal_problem`)."""
+    seen = state.extra.setdefault("early_rollouts", [])
+    seen.append({k: rollout[k] for k in ("no_eos_fraction", "shaped_score_mean", "shaped_score_std")})
+    if iteration + 1 < config.dead_signal_iterations:
+        return
+    problem = reward_signal_problem(seen, config.missing_eos_score, int(config.max_new_tokens))
+    if problem is None:
+        return
+    message = f"PPO cannot learn: {problem} (set ppo.dead_signal: warn to train anyway)"
+    if config.dead_signal == "raise":
+        raise DeadSignalError(message)
+    warnings.warn(message, stacklevel=2)
 
 
 def mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
@@ -508,8 +566,8 @@ class PPOModels:
     """`PolicyWithValueHead` or `PolicyAndCritic`: forward → `(logits, values)`; `.pretrained_model` samples."""
     reference: nn.Module | None
     """Frozen π_ref (the SFT model); None with LoRA: the policy with its adapters disabled."""
-    reward_model: nn.Module
-    """Frozen `AutoModelForSequenceClassification` with one label."""
+    reward_model: nn.Module | None
+    """Frozen `AutoModelForSequenceClassification` with one label (None: the reward is `reward_functions` only)."""
 
 
 def _load_frozen(path: str | Path, reward: bool) -> nn.Module:
@@ -518,15 +576,18 @@ def _load_frozen(path: str | Path, reward: bool) -> nn.Module:
     return freeze(disable_dropout(model))
 
 
-def load_ppo_models(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path) -> PPOModels:
+def load_ppo_models(config: PPOConfig, sft_model_path: str | Path,
+                    reward_model_path: str | Path | None) -> PPOModels:
     """Load the tokenizer, the actor-critic to train, the frozen reference and the frozen reward model (all
     float32 on CPU, dropout off; the trainer moves them to its device). Seeds the global RNG (LoRA init)."""
+    if config.uses_reward_model and reward_model_path is None:
+        raise ValueError("reward_model_weight > 0 needs a reward model path")
     set_seed(config.seed)
     return PPOModels(
         tokenizer=AutoTokenizer.from_pretrained(sft_model_path),
         actor_critic=build_actor_critic(config, sft_model_path, reward_model_path),
         reference=None if config.lora is not None else _load_frozen(sft_model_path, reward=False),
-        reward_model=_load_frozen(reward_model_path, reward=True),
+        reward_model=_load_frozen(reward_model_path, reward=True) if config.uses_reward_model else None,
     )
 
 
@@ -538,7 +599,7 @@ def load_ppo_models(config: PPOConfig, sft_model_path: str | Path, reward_model_
 def train_ppo(
     config: PPOConfig,
     sft_model_path: str | Path,
-    reward_model_path: str | Path,
+    reward_model_path: str | Path | None,
     prompt_rows: Sequence[dict],
     output_dir: str | Path,
     logger: MetricLogger | None = None,
@@ -576,18 +637,23 @@ def run_ppo(
     `output_dir/model` (loads with `AutoModelForCausalLM.from_pretrained`).
     """
     output_dir = Path(output_dir)
+    config = resolve_from_rows(config, models.tokenizer, prompt_rows)
     accelerator = make_accelerator(config)
     device = accelerator.device
     if config.rollout_batch_size % (config.batch_size * config.grad_accum_steps * accelerator.num_processes):
         raise ValueError("rollout_batch_size must be a multiple of batch_size × grad_accum_steps × num_processes")
     tokenizer, reference = models.tokenizer, models.reference
-    reward_model = models.reward_model.to(device)
+    reward_model = models.reward_model.to(device) if models.reward_model is not None else None
     rm_accuracy = check_reward_model(config, reward_model, tokenizer, reward_model_eval_accuracy,
-                                     reward_model_eval_pairs)
+                                     reward_model_eval_pairs) if reward_model is not None else None
+    scorer = build_scorer(reward_model, config.reward_model_weight, config.reward_functions)
     if reference is not None:
         reference.to(device)
     kl_controller, moments = make_kl_controller(config), RunningMoments()
-    session = start_session(config, accelerator, models.actor_critic.to(device), output_dir, logger)
+    own_rates = [(critic_parameters(models.actor_critic), config.value_learning_rate)] \
+        if config.value_learning_rate is not None else []
+    session = start_session(config, accelerator, models.actor_critic.to(device), output_dir, logger,
+                            own_rates=own_rates)
     state = session.state
     _restore_extras(state, kl_controller, moments)
     if rm_accuracy is not None:
@@ -606,10 +672,14 @@ def run_ppo(
         indices, state.position = sampler.take(state.position, config.rollout_batch_size)
         batch_prompts = [prompts[i] for i in indices[rank :: accelerator.num_processes]]
         experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, reference,
-                                     reward_model, tokenizer, batch_prompts, xcfg, kl_coef, moments,
+                                     scorer, tokenizer, batch_prompts, xcfg, kl_coef, moments,
                                      seed=iteration_seed(config.seed, iteration, rank, 0))
         rollout = mean_over_processes(accelerator, experience_metrics(experience))
+        rollout["no_eos_penalized_fraction"] = rollout["no_eos_fraction"] if config.missing_eos_score is not None \
+            else 0.0
         ensure_finite(session, rollout["score_mean"], "reward-model score")
+        if iteration < config.dead_signal_iterations:
+            check_signal(config, state, rollout, iteration)
         # 2. Inner loop: ppo_epochs × minibatches of clipped updates (the critic alone during warm-up).
         critic_only = iteration < config.value_warmup_iterations
         update = ppo_update(session, experience, config, iteration_seed(config.seed, iteration, rank, 1),
@@ -619,7 +689,7 @@ def run_ppo(
         learning_rate = session.scheduler.get_last_lr()[0]
         session.scheduler.step()
         state.step += 1
-        state.extra = {"kl_controller": kl_controller.state_dict(), "score_moments": moments.state_dict()}
+        state.extra.update(kl_controller=kl_controller.state_dict(), score_moments=moments.state_dict())
         # 4. Checkpoint, log, evaluate.
         maybe_checkpoint(session)
         elapsed = time.perf_counter() - started
@@ -637,9 +707,9 @@ def run_ppo(
             session.log(metrics)
             last = metrics
         if eval_prompts and config.eval_every and state.step % config.eval_every == 0 and not done:
-            session.log(evaluate_on_prompts(session, reference, reward_model, tokenizer, eval_prompts, config))
+            session.log(evaluate_on_prompts(session, reference, scorer, tokenizer, eval_prompts, config))
     bar.close()
-    final_eval = evaluate_on_prompts(session, reference, reward_model, tokenizer, eval_prompts, config) \
+    final_eval = evaluate_on_prompts(session, reference, scorer, tokenizer, eval_prompts, config) \
         if eval_prompts else {}
     if final_eval:
         session.log(final_eval)
