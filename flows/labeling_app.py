@@ -66,6 +66,8 @@ class LabelingServer(ThreadingHTTPServer):
     """An HTTP server over one task file and one answers directory; IPv6 when the host has a `:`."""
 
     daemon_threads = True
+    # listen() backlog: the default 5 overflows when a dozen labelers submit at once (connections reset).
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], task_file: str | Path, answers_dir: str | Path | None = None):
         self.task_file = Path(task_file)
