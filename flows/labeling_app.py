@@ -54,7 +54,7 @@ from rlhf_core.collection import (
     validate_answer,
 )
 
-__all__ = ["LabelingServer", "collect_rankings", "main", "make_server", "serve"]
+__all__ = ["LabelingServer", "collect_rankings", "main", "make_server", "serve", "serve_server"]
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 MAX_BODY_BYTES = 1 << 20
@@ -234,11 +234,16 @@ def make_server(task_file: str | Path, answers_dir: str | Path | None = None, ho
 
 def serve(task_file: str | Path, answers_dir: str | Path | None = None, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, labeler: str | None = None) -> None:
-    """Serve the labeling page until interrupted (Ctrl-C), printing where to open it."""
-    server = make_server(task_file, answers_dir, host, port)
+    """Serve the labeling page until interrupted (Ctrl-C), printing where to open it. A malformed task file
+    raises `ValueError` (naming its line), an address that cannot be bound `OSError`, before anything is served."""
+    serve_server(make_server(task_file, answers_dir, host, port), labeler)
+
+
+def serve_server(server: LabelingServer, labeler: str | None = None) -> None:
+    """Serve a bound server (`make_server`) until interrupted, then close it."""
     if not server.loopback_only:
-        print(f"WARNING: serving on {host}, reachable from other machines, with no authentication.",
-              file=sys.stderr)
+        print(f"WARNING: serving on {server.server_address[0]}, reachable from other machines, with no "
+              "authentication.", file=sys.stderr)
     query = f"?labeler={labeler}" if labeler else "?labeler=YOUR_NAME"
     print(f"Labeling {len(server.items)} items of {server.task_file}\n"
           f"answers: {server.answers_dir}/<labeler>.jsonl\n"
@@ -261,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--labeler", default=None, help="name to put in the printed URL")
     args = parser.parse_args(argv)
-    serve(args.task_file, args.answers_dir, args.host, args.port, args.labeler)
+    try:
+        server = make_server(args.task_file, args.answers_dir, args.host, args.port)
+    except (ValueError, OSError) as exc:  # a malformed task file, a port in use: one line, no traceback
+        parser.exit(2, f"error: {exc}\n")
+    serve_server(server, args.labeler)
 
 
 # The page. Text from the task file is only ever inserted with textContent (never as HTML).

@@ -202,22 +202,31 @@ def write_jsonl_atomic(rows: Iterable[Mapping[str, Any]], path: str | Path) -> P
 def _check_item(item: Any, where: str) -> None:
     if not isinstance(item, dict) or not {"item_id", "prompt", "responses"} <= item.keys():
         raise ValueError(f"{where}: a task item needs item_id, prompt and responses")
-    ids = [r.get("id") for r in item["responses"] if isinstance(r, dict) and isinstance(r.get("text"), str)]
-    if len(ids) != len(item["responses"]) or len(set(ids)) != len(ids) or len(ids) < 2:
-        raise ValueError(f"{where}: responses must be >= 2 objects with unique `id` and a `text`")
+    if not isinstance(item["item_id"], str) or not item["item_id"]:
+        raise ValueError(f"{where}: item_id must be a non-empty string")
+    responses = item["responses"]
+    ids = [r["id"] for r in responses if isinstance(r, dict) and isinstance(r.get("id"), str)
+           and isinstance(r.get("text"), str)] if isinstance(responses, list) else []
+    if not isinstance(responses, list) or len(ids) != len(responses) or len(set(ids)) != len(ids) or len(ids) < 2:
+        raise ValueError(f"{where}: responses must be a list of >= 2 objects with a unique string `id` and a `text`")
 
 
 def read_task_file(path: str | Path) -> list[dict[str, Any]]:
     """The items of a task file, in file order; raises `ValueError` naming the line of a malformed item."""
     items, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); is it a task file?") \
+                    from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+                raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
             _check_item(item, f"{path}:{n}")
             if item["item_id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate item_id {item['item_id']!r}")
