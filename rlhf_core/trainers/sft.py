@@ -221,7 +221,9 @@ def train_sft(
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+    model = disable_dropout(
+        AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    )
     if config.lora is not None:
         model = apply_lora(model, config.lora)
     session = start_session(config, accelerator, model, output_dir, logger)
