@@ -404,7 +404,7 @@ def check_labeler(name: Any) -> str:
     if not name:
         raise InvalidAnswer("missing labeler name: open the page as /?labeler=YOUR_NAME or enter a name")
     if not isinstance(name, str) or not LABELER_NAME.fullmatch(name):
-        raise InvalidAnswer(f"invalid labeler name {name!r}: use 1-64 letters, digits, '_', '.' or '-' "
+        raise InvalidAnswer(f"invalid labeler name {_brief(name)}: use 1-64 letters, digits, '_', '.' or '-' "
                             "(starting with a letter or digit)")
     return name
 
