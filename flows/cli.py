@@ -11,6 +11,9 @@
 MLflow is found through `--tracking-uri`, else `--config`'s store, else `MLFLOW_TRACKING_URI`, else the pipeline's
 default local store (`runs/mlflow.db`). Heavy imports (torch, prefect, mlflow) happen inside the commands, so
 `rlhf --help` answers at once.
+
+Bad input (a config that is not YAML, a malformed task file, invalid data) is one line on stderr and a non-zero
+exit, and so is any error a command did not expect; `rlhf --debug COMMAND …` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -41,18 +45,43 @@ if TYPE_CHECKING:
 MODEL_CACHE_ENV = "RLHF_MODEL_CACHE"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
-app = typer.Typer(name="rlhf", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# Usage errors, `Exit` and `Abort` are the framework's own exits (it prints them). Found by name: typer vendors
+# click's exception classes in recent releases and re-exports click's in older ones.
+_CLI_EXITS = (typer.Exit, typer.Abort, next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs a command; an exception it did not turn into an exit itself becomes one line on stderr and exit 1
+    (`--debug`: raised, with its traceback)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _CLI_EXITS:
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            raise _fail(f"{type(exc).__name__}: {exc} (rlhf --debug … shows the traceback)") from exc
+
+
+app = typer.Typer(name="rlhf", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+debug = False
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    debug_option: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
     """The RLHF pipeline: validated data → SFT → reward model → PPO/DPO → evaluation → inference."""
-    global console, err_console
+    global console, err_console, debug
     # Fresh consoles per invocation: the terminal (or $COLUMNS) may differ from the one seen at import.
     console = Console(highlight=False)
     err_console = Console(stderr=True, highlight=False)
+    debug = debug_option
 
 
 TrackingUri = Annotated[str | None, typer.Option(
@@ -62,8 +91,16 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}")
+    # soft_wrap: one line whatever the terminal's width (a test or a log can match it).
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
+
+
+def _bad_input(exc: Exception, code: int = 2) -> typer.Exit:
+    """`_fail` with the message of `exc`, an error in the user's input; under `--debug`, `exc` is re-raised."""
+    if debug:
+        raise exc
+    return _fail(str(exc), code)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,7 +128,7 @@ def _config_of(config: Path | None) -> Any | None:
     try:
         return load_config(config)
     except ConfigError as exc:
-        raise _fail(str(exc), code=2) from exc
+        raise _bad_input(exc) from exc
 
 
 def resolve_tracking_uri(option: str | None, config: Path | None = None) -> str:
@@ -313,7 +350,7 @@ def run(
     try:
         cfg = load_config(config, pairs)
     except ConfigError as exc:
-        raise _fail(str(exc), code=2) from exc
+        raise _bad_input(exc) from exc
     from flows.pipeline import rlhf_pipeline
 
     stages = cfg.active_stages()
@@ -369,8 +406,8 @@ def validate(
     try:
         rows = list(load_rows(data, kind, format=data_format).rows)
     except DataValidationError as exc:
-        err_console.print(f"[bold red]✘ {escape(str(data))} is not valid {kind} data[/]")
-        err_console.print(escape(str(exc)))
+        err_console.print(f"[bold red]✘ {escape(str(data))} is not valid {kind} data[/]", soft_wrap=True)
+        err_console.print(escape(str(exc)), soft_wrap=True)
         raise typer.Exit(1) from exc
     conversational = sum(1 for row in rows if isinstance(row["prompt"], list))
     console.print(f"[green]✔[/] {escape(str(data))}: {len(rows)} valid {kind} rows "
@@ -669,11 +706,17 @@ def label(
                                                      "(default: tasks.answers/ beside the task file).")] = None,
 ) -> None:
     """Serve the labeling page: rank each prompt's sampled responses; every answer is saved at once."""
-    from flows.labeling_app import serve
+    from flows.labeling_app import make_server, serve_server
 
     if not task_file.is_file():
         raise _fail(f"no task file at {task_file} (the collect stage prints its path)")
-    serve(task_file, answers_dir, host, port, labeler)
+    try:
+        server = make_server(task_file, answers_dir, host, port)
+    except ValueError as exc:  # a malformed task file: the message names its line
+        raise _bad_input(exc) from exc
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise _bad_input(OSError(f"cannot serve on {host}:{port}: {exc.strerror or exc}")) from exc
+    serve_server(server, labeler)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class ConfigError(ValueError):
     def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
         self.source = source
         self.errors = errors
+        if len(errors) == 1:  # one problem, one line
+            path, message = errors[0]
+            super().__init__(f"invalid pipeline config {source}: {path + ': ' if path else ''}{message}")
+            return
         lines = "\n".join(f"  {path or '<root>'}: {message}" for path, message in errors)
         super().__init__(f"invalid pipeline config {source}:\n{lines}")
 
@@ -365,7 +369,10 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError("overrides", [(key or override, f"override {override!r} is not of the form a.b=value")])
     # YAML 1.1 reads `1e-5` as a string; pydantic's lax mode turns it into the float a field asks for.
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError("overrides", [(key, f"the value {raw!r} is not valid YAML ({_yaml_problem(exc)})")]) from None
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -396,12 +403,28 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML pipeline config, apply `a.b=value` overrides in order, validate."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [("", f"not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
+                                           f"{exc.start}): is it the YAML config?")]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("", f"not valid YAML: {_yaml_problem(exc)}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), [("", "the config file must hold a mapping")])
     for override in overrides or []:
         apply_override(data, override)
     return parse_config(data, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
 
 
 def dump_config(config: PipelineConfig) -> str:

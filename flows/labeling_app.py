@@ -14,10 +14,13 @@ server did not acknowledge is reported on the page as NOT saved. Each labeler ha
 hold an exclusive lock, so several labelers (or tabs, or servers) on one task file never overwrite each other.
 
 Bad or partial submissions (not a permutation of the item's K response ids, an unknown item id, a missing or
-malformed labeler name, an unknown action) get HTTP 400 with a message the page shows. The server binds
-127.0.0.1 by default and, bound to loopback, answers only requests addressed to a loopback host name (a web page
-elsewhere cannot reach it through DNS rebinding); POSTs must be JSON (a cross-site form cannot send that).
-It has no authentication: bind another address only on a network you trust.
+malformed labeler name, an unknown action, a missing, negative or non-numeric Content-Length) get HTTP 400 with
+a message the page shows; a body over 1 MiB gets 413, one slower than `REQUEST_TIMEOUT_S` 408. Every request gets
+an HTTP answer: anything unexpected is a JSON 500 (the traceback goes to the server's stderr) and the server
+goes on. The server binds 127.0.0.1 by default (`::1` or `[::1]`: IPv6 loopback) and, bound to loopback, answers
+only requests addressed to a loopback host name (a web page elsewhere cannot reach it through DNS rebinding);
+POSTs must be JSON (a cross-site form cannot send that). It has no authentication: bind another address only on
+a network you trust.
 
 Merge the answers with `collect_rankings(task_file, answers_dir)` (re-exported here from
 `rlhf_core.collection`): skips give no row, "all bad" gives no pairs.
@@ -28,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,30 +54,36 @@ from rlhf_core.collection import (
     validate_answer,
 )
 
-__all__ = ["LabelingServer", "collect_rankings", "main", "make_server", "serve"]
+__all__ = ["LabelingServer", "collect_rankings", "main", "make_server", "serve", "serve_server"]
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 MAX_BODY_BYTES = 1 << 20
+REQUEST_TIMEOUT_S = 30.0
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 
 
 class LabelingServer(ThreadingHTTPServer):
-    """An HTTP server over one task file and one answers directory."""
+    """An HTTP server over one task file and one answers directory; IPv6 when the host has a `:`."""
 
     daemon_threads = True
+    # listen() backlog: the default 5 overflows when a dozen labelers submit at once (connections reset).
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], task_file: str | Path, answers_dir: str | Path | None = None):
         self.task_file = Path(task_file)
         self.items = read_task_file(self.task_file)
         self.items_by_id = {item["item_id"]: item for item in self.items}
         self.answers_dir = Path(answers_dir) if answers_dir is not None else default_answers_dir(self.task_file)
-        self.loopback_only = address[0] in LOOPBACK_NAMES
-        super().__init__(address, LabelingHandler)
+        host = address[0].removeprefix("[").removesuffix("]")
+        # Read by `TCPServer.__init__` when it makes the socket.
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.loopback_only = host in LOOPBACK_NAMES
+        super().__init__((host, address[1]), LabelingHandler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def state(self, labeler: str) -> dict[str, Any]:
         """Progress of `labeler` and their first unanswered item (responses in their display order)."""
@@ -107,15 +118,20 @@ def display_order(item: Mapping[str, Any], labeler: str) -> list[dict[str, Any]]
 
 
 class LabelingHandler(BaseHTTPRequestHandler):
-    """`GET /` the page, `GET /api/state?labeler=`, `POST /api/answer`, `GET /healthz`."""
+    """`GET /` the page, `GET /api/state?labeler=`, `POST /api/answer`, `GET /healthz`.
+
+    Each request gets exactly one answer: `_respond` turns any exception into a JSON 500.
+    """
 
     server: LabelingServer
     server_version = "rlhf-label/1"
+    timeout = REQUEST_TIMEOUT_S  # socket timeout: a client that stops sending mid-request cannot hold a thread
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
         sys.stderr.write(f"[label] {self.address_string()} {format % args}\n")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.answered = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -128,7 +144,8 @@ class LabelingHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+        # ASCII escapes: a lone surrogate in a task file or a message cannot make the encoding fail.
+        self._send(status, json.dumps(payload).encode(), "application/json; charset=utf-8")
 
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
@@ -136,11 +153,37 @@ class LabelingHandler(BaseHTTPRequestHandler):
     def _host_allowed(self) -> bool:
         if not self.server.loopback_only:
             return True
-        return urlsplit("//" + (self.headers.get("Host") or "")).hostname in LOOPBACK_NAMES
+        try:
+            return urlsplit("//" + (self.headers.get("Host") or "")).hostname in LOOPBACK_NAMES
+        except ValueError:  # e.g. "[::1" (an unclosed IPv6 bracket)
+            return False
+
+    def _respond(self, handle: Callable[[], None]) -> None:
+        """Run `handle`; if it raises before answering, answer a JSON 500 and log the traceback."""
+        self.answered = False
+        try:
+            handle()
+        except Exception as exc:  # noqa: BLE001 - every request gets an HTTP answer, the server goes on
+            self.log_message("error: %s", traceback.format_exc())
+            if self.answered:
+                return
+            message = f"internal error ({type(exc).__name__}; details in the server's log)"
+            if self.command == "POST":  # the page shows it as "Not saved: …"; resubmitting is harmless
+                message += ": this answer may NOT have been saved, submit it again"
+            try:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, message)
+            except OSError:
+                pass  # the client is gone
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._respond(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._respond(self._post)
+
+    def _get(self) -> None:
         if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1/localhost")
+            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost")
         url = urlsplit(self.path)
         if url.path == "/":
             return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
@@ -154,18 +197,24 @@ class LabelingHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, self.server.state(labeler))
         return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1/localhost")
+            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost")
         if urlsplit(self.path).path != "/api/answer":
             return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
         if not (self.headers.get("Content-Type") or "").startswith("application/json"):
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the answer as application/json")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
+        length = (self.headers.get("Content-Length") or "").strip()
+        if not length.isdigit() or not length.isascii():
+            return self._error(HTTPStatus.BAD_REQUEST, "send a Content-Length of 0 or more bytes")
+        if int(length) > MAX_BODY_BYTES:
             return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "answer too large")
         try:
-            payload = json.loads(self.rfile.read(length) or b"null")
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            return self._error(HTTPStatus.REQUEST_TIMEOUT, f"request timed out after {self.timeout:g} s")
+        try:
+            payload = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._error(HTTPStatus.BAD_REQUEST, "the answer is not valid JSON")
         try:
@@ -185,11 +234,16 @@ def make_server(task_file: str | Path, answers_dir: str | Path | None = None, ho
 
 def serve(task_file: str | Path, answers_dir: str | Path | None = None, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, labeler: str | None = None) -> None:
-    """Serve the labeling page until interrupted (Ctrl-C), printing where to open it."""
-    server = make_server(task_file, answers_dir, host, port)
+    """Serve the labeling page until interrupted (Ctrl-C), printing where to open it. A malformed task file
+    raises `ValueError` (naming its line), an address that cannot be bound `OSError`, before anything is served."""
+    serve_server(make_server(task_file, answers_dir, host, port), labeler)
+
+
+def serve_server(server: LabelingServer, labeler: str | None = None) -> None:
+    """Serve a bound server (`make_server`) until interrupted, then close it."""
     if not server.loopback_only:
-        print(f"WARNING: serving on {host}, reachable from other machines, with no authentication.",
-              file=sys.stderr)
+        print(f"WARNING: serving on {server.server_address[0]}, reachable from other machines, with no "
+              "authentication.", file=sys.stderr)
     query = f"?labeler={labeler}" if labeler else "?labeler=YOUR_NAME"
     print(f"Labeling {len(server.items)} items of {server.task_file}\n"
           f"answers: {server.answers_dir}/<labeler>.jsonl\n"
@@ -208,11 +262,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("task_file", type=Path)
     parser.add_argument("--answers-dir", type=Path, default=None,
                         help="where <labeler>.jsonl files go (default: <task stem>.answers/ beside the task file)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: this machine only; ::1 for IPv6)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--labeler", default=None, help="name to put in the printed URL")
     args = parser.parse_args(argv)
-    serve(args.task_file, args.answers_dir, args.host, args.port, args.labeler)
+    try:
+        server = make_server(args.task_file, args.answers_dir, args.host, args.port)
+    except (ValueError, OSError) as exc:  # a malformed task file, a port in use: one line, no traceback
+        parser.exit(2, f"error: {exc}\n")
+    serve_server(server, args.labeler)
 
 
 # The page. Text from the task file is only ever inserted with textContent (never as HTML).

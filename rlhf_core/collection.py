@@ -38,7 +38,8 @@ for simulations: with probability `noise` an answer is a uniformly random order 
 careless labeler); a random order agrees with the judge on each pair with probability ½, so the expected share
 of pairs that disagree with the judge is `noise / 2`. Responses the judge scores equal are not ordered among
 themselves (a ranking cannot express a tie): only the first of them is ranked, the others are `tied` and give no
-pairs, so an item gives all K(K−1)/2 pairs only when its K scores are distinct.
+pairs, so an item gives all K(K−1)/2 pairs only when its K scores are distinct. An item whose K responses all score
+the same is skipped (`tied` lists them all): a ranking of one response would order nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import math
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -67,7 +69,7 @@ from rlhf_core.tokenization import Conversation, collate_right_padded, encode_pr
 
 ScoreFn = Callable[[Conversation, str], float]
 ACTIONS = ("rank", "skip", "all_bad")
-LABELER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABELER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always `fullmatch`: `$` lets "name\n" pass
 ANSWERS_SUFFIX = ".jsonl"
 
 
@@ -201,22 +203,31 @@ def write_jsonl_atomic(rows: Iterable[Mapping[str, Any]], path: str | Path) -> P
 def _check_item(item: Any, where: str) -> None:
     if not isinstance(item, dict) or not {"item_id", "prompt", "responses"} <= item.keys():
         raise ValueError(f"{where}: a task item needs item_id, prompt and responses")
-    ids = [r.get("id") for r in item["responses"] if isinstance(r, dict) and isinstance(r.get("text"), str)]
-    if len(ids) != len(item["responses"]) or len(set(ids)) != len(ids) or len(ids) < 2:
-        raise ValueError(f"{where}: responses must be >= 2 objects with unique `id` and a `text`")
+    if not isinstance(item["item_id"], str) or not item["item_id"]:
+        raise ValueError(f"{where}: item_id must be a non-empty string")
+    responses = item["responses"]
+    ids = [r["id"] for r in responses if isinstance(r, dict) and isinstance(r.get("id"), str)
+           and isinstance(r.get("text"), str)] if isinstance(responses, list) else []
+    if not isinstance(responses, list) or len(ids) != len(responses) or len(set(ids)) != len(ids) or len(ids) < 2:
+        raise ValueError(f"{where}: responses must be a list of >= 2 objects with a unique string `id` and a `text`")
 
 
 def read_task_file(path: str | Path) -> list[dict[str, Any]]:
     """The items of a task file, in file order; raises `ValueError` naming the line of a malformed item."""
     items, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); is it a task file?") \
+                    from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+                raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
             _check_item(item, f"{path}:{n}")
             if item["item_id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate item_id {item['item_id']!r}")
@@ -333,7 +344,7 @@ def _now() -> str:
 
 
 class JudgeLabeler:
-    """Ranks every item by `score_fn`, highest score first (ties keep sampling order), with optional noise.
+    """Ranks every item by `score_fn`, highest score first (equal scores: see `answer`), with optional noise.
 
     With probability `noise` an answer is instead a uniformly random order (`"noisy": true` in the answer). The
     draw uses `random.Random(f"{seed}:{item_id}")`, so an item's label does not depend on which other items are
@@ -343,7 +354,7 @@ class JudgeLabeler:
     def __init__(self, score_fn: ScoreFn, noise: float = 0.0, seed: int = 0, name: str = "judge") -> None:
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {noise}")
-        if not LABELER_NAME.match(name):
+        if not isinstance(name, str) or not LABELER_NAME.fullmatch(name):
             raise ValueError(f"invalid labeler name {name!r}")
         self.score_fn, self.noise, self.seed, self.name = score_fn, noise, seed, name
 
@@ -363,7 +374,8 @@ class JudgeLabeler:
 
         A ranking cannot say "equally good", and ordering equal scores by sampling position would invent
         preferences, so of responses with the same score only the first (in sampling order) is ranked; the others
-        are listed in `tied` and give no pairs. A noisy answer ranks all K at random.
+        are listed in `tied` and give no pairs; when all K score the same the answer is a `skip` (nothing to order).
+        A noisy answer ranks all K at random.
         """
         ids = [r["id"] for r in item["responses"]]
         scores = self.scores(item)
@@ -378,8 +390,10 @@ class JudgeLabeler:
                 first_of_score.setdefault(score, ids[i])
             order = [first_of_score[score] for score in sorted(first_of_score, reverse=True)]
             tied = [i for i in ids if i not in order]
-        return {"item_id": item["item_id"], "labeler": self.name, "action": "rank", "order": order, "tied": tied,
-                "scores": dict(zip(ids, scores, strict=True)), "noisy": noisy, "time": _now()}
+        answer = {"item_id": item["item_id"], "labeler": self.name, "action": "rank", "order": order, "tied": tied}
+        if len(order) < 2:
+            answer = {"item_id": item["item_id"], "labeler": self.name, "action": "skip", "tied": ids}
+        return {**answer, "scores": dict(zip(ids, scores, strict=True)), "noisy": noisy, "time": _now()}
 
     def label(self, items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Answers to every item, in order."""
@@ -390,8 +404,8 @@ def check_labeler(name: Any) -> str:
     """`name` if it is a valid labeler name (it names a file: 1-64 letters, digits, `_.-`), else `InvalidAnswer`."""
     if not name:
         raise InvalidAnswer("missing labeler name: open the page as /?labeler=YOUR_NAME or enter a name")
-    if not isinstance(name, str) or not LABELER_NAME.match(name):
-        raise InvalidAnswer(f"invalid labeler name {name!r}: use 1-64 letters, digits, '_', '.' or '-' "
+    if not isinstance(name, str) or not LABELER_NAME.fullmatch(name):
+        raise InvalidAnswer(f"invalid labeler name {_brief(name)}: use 1-64 letters, digits, '_', '.' or '-' "
                             "(starting with a letter or digit)")
     return name
 
@@ -403,44 +417,65 @@ def validate_answer(items_by_id: Mapping[str, Mapping[str, Any]], payload: Any) 
     Valid: `labeler` a name of letters, digits, `_.-` (it names the answers file); `item_id` an item of the task
     file; `action` one of rank / skip / all_bad; for `rank`, `order` lists every response id of the item
     exactly once — or, for judges, `order` plus `tied` do (`tied`: responses scored equal to a ranked one, left
-    out of the ranking); skip and all_bad carry no order.
+    out of the ranking), with at least 2 ranked (fewer orders nothing); skip and all_bad carry no order; `shown`,
+    if given, lists the item's response ids in the order the page showed them. Linear in the size of `payload`.
     """
     if not isinstance(payload, dict):
         raise InvalidAnswer("the answer must be a JSON object")
     labeler = check_labeler(payload.get("labeler"))
     item_key = payload.get("item_id")
-    if item_key not in items_by_id:
-        raise InvalidAnswer(f"unknown item id {item_key!r}: it is not in this task file")
+    if not isinstance(item_key, str) or item_key not in items_by_id:
+        raise InvalidAnswer(f"unknown item id {_brief(item_key)}: it is not in this task file")
     action = payload.get("action", "rank")
-    if action not in ACTIONS:
-        raise InvalidAnswer(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise InvalidAnswer(f"unknown action {_brief(action)}: expected one of {', '.join(ACTIONS)}")
     answer = {"item_id": item_key, "labeler": labeler, "action": action}
+    item = items_by_id[item_key]
     order = payload.get("order")
     if action == "rank":
         tied = payload.get("tied") or []
         if not isinstance(tied, list):
             raise InvalidAnswer("tied must be a list of response ids")
-        _check_order(items_by_id[item_key], order + tied if tied and isinstance(order, list) else order)
+        _check_order(item, order + tied if tied and isinstance(order, list) else order)
+        if len(order) < 2:
+            raise InvalidAnswer("a ranking must order at least 2 responses (all equally good or bad: use all bad)")
         answer["order"] = list(order)
         if tied:
             answer["tied"] = list(tied)
     elif order:
         raise InvalidAnswer(f"action {action!r} takes no order")
     shown = payload.get("shown")
-    if isinstance(shown, list) and all(isinstance(s, str) for s in shown):
-        answer["shown"] = shown  # the on-screen order before the person moved anything (position-bias studies)
+    if shown is not None:
+        # The on-screen order before the person moved anything (position-bias studies): the item's ids.
+        if not isinstance(shown, list) or not _is_permutation(item, shown):
+            raise InvalidAnswer("shown must list the item's response ids in the order the page showed them")
+        answer["shown"] = list(shown)
     return answer
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    """`repr` of a submitted value for an error message, cut to `limit` characters (a client sent it)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_permutation(item: Mapping[str, Any], values: list[Any]) -> bool:
+    ids = [r["id"] for r in item["responses"]]
+    return len(values) == len(ids) and all(isinstance(v, str) for v in values) and set(values) == set(ids)
+
+
 def _check_order(item: Mapping[str, Any], order: Any) -> list[str]:
+    """`order` if it lists every response id of `item` exactly once, else `InvalidAnswer` naming the missing,
+    unknown and duplicated ids. Linear in `len(order)`: a client may send a 1 MiB list."""
     ids = [r["id"] for r in item["responses"]]
     if not isinstance(order, list) or not all(isinstance(o, str) for o in order):
         raise InvalidAnswer(f"order must be a list of the {len(ids)} response ids, best first")
-    missing = [i for i in ids if i not in order]
-    unknown = sorted({o for o in order if o not in ids})
-    duplicated = sorted({o for o in order if order.count(o) > 1})
+    counts = Counter(order)
+    missing = [i for i in ids if i not in counts]
+    unknown = sorted(counts.keys() - set(ids))
+    duplicated = sorted(o for o, n in counts.items() if n > 1)
     if missing or unknown or duplicated:
-        problems = [f"{name} {values}" for name, values in
+        problems = [f"{name} {_brief(values)}" for name, values in
                     (("missing", missing), ("unknown", unknown), ("duplicated", duplicated)) if values]
         raise InvalidAnswer(f"the order must rank each of the {len(ids)} responses exactly once: "
                             + "; ".join(problems))
@@ -482,7 +517,7 @@ def append_answer(answers_dir: str | Path, answer: Mapping[str, Any]) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        os.write(fd, line)
+        _write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)  # closing releases the lock
@@ -492,6 +527,16 @@ def append_answer(answers_dir: str | Path, answer: Mapping[str, Any]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written (a write may be cut short, e.g. by a signal or a full disk quota)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"write returned {written}")
+        view = view[written:]
 
 
 def read_answers(answers_dir: str | Path) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ straight to it. A failure about the whole source (missing file, missing column) 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,8 +56,29 @@ class Failure:
         return f"{self.where()}: [{self.rule}] {self.message}{value}"
 
 
+def _one_line(text: str) -> str:
+    return re.sub(r"\r\n|\r|\n", " ", text)
+
+
+def code_span(text: str) -> str:
+    """`text` as one Markdown (CommonMark) code span on one line: line breaks become spaces, the fence is one
+    backtick longer than the longest run of backticks inside, and content that starts or ends with a backtick
+    (or with a space at both ends) is padded by one space, which the renderer strips again."""
+    text = _one_line(text)
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or (text[:1] == text[-1:] == " " and text.strip()) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def code_block(text: str) -> str:
+    """`text` as a fenced Markdown code block whose fence (at least ```) is longer than any backtick run in it."""
+    fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A GFM table cell: one line, pipes escaped (a table splits cells at `|`, even inside a code span)."""
+    return _one_line(text).replace("|", "\\|")
 
 
 @dataclass(frozen=True)
@@ -92,8 +114,8 @@ class ValidationReport:
         lines = [f"**{_cell(self.summary())}**", "",
                  "| row | line | column | rule | problem | value |", "| --- | --- | --- | --- | --- | --- |"]
         for f in self.failures:
-            cells = ["" if f.row is None else str(f.row), "" if f.line is None else str(f.line), f.column or "",
-                     f.rule, _cell(f.message), f"`{_cell(f.value)}`" if f.value else ""]
+            cells = ["" if f.row is None else str(f.row), "" if f.line is None else str(f.line), _cell(f.column or ""),
+                     _cell(f.rule), _cell(f.message), _cell(code_span(f.value)) if f.value else ""]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

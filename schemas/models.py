@@ -134,6 +134,8 @@ class _Explainer:
             return [self.failure(None, str(failure_case), "required", "column missing from every row")]
         if check == "column_in_schema":
             return self.unknown_column(str(failure_case))
+        if index is None or index != index:  # no row: a check of the whole frame or column failed or could not run
+            return self.source_failure(check, column, failure_case)
         row = int(index)
         if check == "not_nullable":
             return [self.failure(row, str(column), "required", "missing value")]
@@ -143,6 +145,17 @@ class _Explainer:
         value = self.frame.at[row, column]
         reason = rule(value) if rule is not None else None
         return [self.failure(row, str(column), check, reason or check, value)]
+
+    def source_failure(self, check: str, column: Any, failure_case: Any) -> list[Failure]:
+        """A failure pandera gives no row for. A row rule that could not run because one of its columns is
+        missing says nothing new (the missing column is reported); anything else is reported for the source."""
+        missing = [c for c in COLUMNS[self.kind] if c not in self.frame.columns]
+        if check in ROW_RULE_COLUMNS:
+            if missing:
+                return []
+            column = ROW_RULE_COLUMNS[check]
+        return [self.failure(None, None if column is None else str(column), check,
+                             f"failed for the source as a whole: {failure_case}")]
 
     @cached_property
     def row_keys(self) -> pd.Series:

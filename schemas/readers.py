@@ -4,22 +4,32 @@ Sources: `.jsonl` / `.ndjson`, `.json` (an array of objects, or JSON lines under
 `Dataset.to_json` writes them), `.csv` (cells holding a JSON list, e.g. `responses` or messages, are decoded),
 `.parquet`, a `datasets` `save_to_disk` directory, and anything else `datasets.load_dataset` understands (a hub
 name, or a local directory of data files). Every problem — missing file, unsupported extension, empty file,
-non-UTF-8 bytes, bad JSON lines (all of them, not just the first) — is a `DataValidationError`.
+non-UTF-8 bytes, bad JSON lines (all of them, not just the first), a line longer than `MAX_LINE_BYTES` — is a
+`DataValidationError`.
+
+JSON lines are read one line at a time, and a line over `MAX_LINE_BYTES` is refused without being held whole,
+so memory stays bounded by the cap (plus the rows kept) whatever the file holds: a 200 MB one-line file used to
+take 1.35 GB before being refused.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from schemas.errors import DataValidationError, Failure, ValidationReport, source_error, truncate_value
 
 LINE_SUFFIXES = (".jsonl", ".ndjson")
 FILE_SUFFIXES = (*LINE_SUFFIXES, ".json", ".csv", ".parquet")
+# Longest JSON line read. A valid row under the default `DataLimits` (16,000 characters a text, 16 responses a
+# ranking, at most 6 bytes a character as JSON) is well under 2 MB; raise it with `read_source(max_line_bytes=)`.
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -32,14 +42,16 @@ class Records:
     reader: str
 
 
-def read_source(source: str | Path, kind: str, split: str | None = None) -> Records:
-    """Read every record of `source` (see module docstring); raises `DataValidationError`."""
+def read_source(source: str | Path, kind: str, split: str | None = None, *,
+                max_line_bytes: int | None = None) -> Records:
+    """Read every record of `source` (see module docstring); raises `DataValidationError`. JSON lines longer
+    than `max_line_bytes` (default `MAX_LINE_BYTES`) are refused unread."""
     label = str(source)
     path = Path(source).expanduser()
     if path.is_dir():
         records = _read_dataset_dir(path, label, kind, split)
     elif path.suffix.lower() in FILE_SUFFIXES or path.is_file() or _looks_local(label):
-        records = _read_file(path, label, kind)
+        records = _read_file(path, label, kind, MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes)
     else:
         records = _read_hub(label, kind, split)
     if not records.rows:
@@ -51,7 +63,7 @@ def _looks_local(label: str) -> bool:
     return label.startswith((".", "/", "~")) or Path(label).suffix != ""
 
 
-def _read_file(path: Path, label: str, kind: str) -> Records:
+def _read_file(path: Path, label: str, kind: str, max_line_bytes: int) -> Records:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise source_error(label, kind, "file", "no such file")
@@ -60,15 +72,16 @@ def _read_file(path: Path, label: str, kind: str) -> Records:
                                                 f"(supported: {', '.join(FILE_SUFFIXES)}, or a dataset directory)")
     if suffix == ".parquet":
         return _read_parquet(path, label, kind)
+    if suffix in LINE_SUFFIXES:
+        with open(path, "rb") as handle:
+            return _read_jsonl(handle, label, kind, max_line_bytes)
     data = path.read_bytes()
     if not data.strip():
         raise source_error(label, kind, "empty", "empty file")
     text = _decode(data, label, kind)
     if suffix == ".csv":
         return _read_csv(text, label, kind)
-    if suffix == ".json":
-        return _read_json(text, label, kind)
-    return _read_jsonl(text, label, kind)
+    return _read_json(data, text, label, kind, max_line_bytes)
 
 
 def _decode(data: bytes, label: str, kind: str) -> str:
@@ -81,14 +94,49 @@ def _decode(data: bytes, label: str, kind: str) -> str:
                            "save the file as UTF-8", line=line) from None
 
 
-def _read_jsonl(text: str, label: str, kind: str) -> Records:
+def _lines(handle: BinaryIO, label: str, kind: str, max_line_bytes: int) -> Iterator[tuple[int, str | None]]:
+    """`(line number, text)` of each line split at `\n`, decoded from UTF-8 (BOM dropped); text None for a line
+    over `max_line_bytes`, which is skipped in chunks, never held whole."""
+    offset = 0
+    for number in itertools.count(1):
+        raw = handle.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            offset += len(raw)
+            chunk_size = max(max_line_bytes, 1 << 16)  # memory in step with the cap; not byte by byte for tiny caps
+            while (chunk := handle.readline(chunk_size)) and not chunk.endswith(b"\n"):
+                offset += len(chunk)
+            offset += len(chunk)
+            yield number, None
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            bom = 3 if number == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            raise source_error(label, kind, "encoding",
+                               f"not valid UTF-8: byte 0x{raw[bom + exc.start]:02x} at byte offset "
+                               f"{offset + bom + exc.start} (line {number}); save the file as UTF-8",
+                               line=number) from None
+        offset += len(raw)
+        yield number, text.removesuffix("\n").removesuffix("\r")
+
+
+def _read_jsonl(handle: BinaryIO, label: str, kind: str, max_line_bytes: int) -> Records:
     rows: list[dict[str, Any]] = []
     lines: list[int | None] = []
     failures: list[Failure] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    blank = True
+    for number, line in _lines(handle, label, kind, max_line_bytes):
+        if line is not None and not line.strip():
             continue
+        blank = False
         row = len(rows) + len(failures) + 1
+        if line is None:
+            failures.append(Failure(label, row, number, None, "line_size",
+                                    f"line longer than {max_line_bytes:,} bytes, the cap of one JSON line "
+                                    "(read_source's max_line_bytes): not read"))
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -102,17 +150,19 @@ def _read_jsonl(text: str, label: str, kind: str) -> Records:
             continue
         rows.append(value)
         lines.append(number)
+    if blank:
+        raise source_error(label, kind, "empty", "empty file")
     if failures:
         raise DataValidationError(ValidationReport(label, kind, tuple(failures), num_rows=len(rows) + len(failures)))
     return Records(rows, lines, label, "jsonl")
 
 
-def _read_json(text: str, label: str, kind: str) -> Records:
+def _read_json(data: bytes, text: str, label: str, kind: str, max_line_bytes: int) -> Records:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines saved as .json (what `Dataset.to_json` writes)
-            return _read_jsonl(text, label, kind)
+            return _read_jsonl(io.BytesIO(data), label, kind, max_line_bytes)
         raise source_error(label, kind, "json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
                            line=exc.lineno) from None
     if isinstance(value, dict):  # a single object is a one-line JSON lines file

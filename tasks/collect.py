@@ -49,6 +49,7 @@ from rlhf_core.collection import (
     split_by_item,
 )
 from schemas import content_digest, load_rows
+from schemas.errors import code_block
 from tasks import caching, tracking
 from tasks.base_model import directory_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
@@ -112,7 +113,7 @@ def _attach_instructions(message: str) -> None:
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
-        create_markdown_artifact(markdown=f"```\n{message}\n```", key="labels-pending",
+        create_markdown_artifact(markdown=code_block(message), key="labels-pending",
                                  description="Preference collection waits for human rankings")
 
 

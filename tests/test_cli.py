@@ -50,6 +50,83 @@ def test_run_rejects_a_bad_config_key_before_running(runner: CliRunner, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, a non-zero exit, no traceback (unless --debug)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _one_clear_line(result, *words: str) -> str:  # noqa: ANN001
+    """The error line of a failed command: a single line on stderr holding `words`, and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert all(word in lines[0] for word in words), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("syntax.yaml", b"name: x\nsft: [1, 2\n", ("not valid YAML", "line 3")),
+    ("binary.yaml", bytes(range(256)) * 4, ("not a UTF-8 text file", "byte 0x80")),
+    ("tab.yaml", b"name: x\n\tsft: 1\n", ("not valid YAML", "line 2")),
+])
+def test_run_reports_an_unreadable_config_in_one_line(runner: CliRunner, tmp_path: Path, name: str,
+                                                      content: bytes, words: tuple[str, ...]) -> None:
+    # Given a config with a YAML syntax error or binary bytes; when run; then exit 2 with one line naming the file.
+    config = tmp_path / name
+    config.write_bytes(content)
+    result = runner.invoke(app, ["run", str(config)], env=WIDE)
+    assert result.exit_code == 2
+    _one_clear_line(result, str(config), *words)
+
+
+def test_run_reports_a_malformed_override_in_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text(f"name: ok\nwork_dir: {tmp_path / 'work'}\n")
+    result = runner.invoke(app, ["run", str(config), "--set", "sft.max_steps=[1"], env=WIDE)
+    assert result.exit_code == 2
+    _one_clear_line(result, "sft.max_steps", "not valid YAML")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b'{"item_id": "a", "prompt": "p"\n', (":1:", "not JSON")),
+    (b'{"item_id": "a", "prompt": "p", "responses": 5}\n', (":1:", "responses must be")),
+    (b'{"item_id": ["a"], "prompt": "p", "responses": [{"id": "r0", "text": "x"}, {"id": "r1", "text": "y"}]}\n',
+     (":1:", "item_id must be")),
+    (b"\xff\xfe binary", ("not UTF-8",)),
+])
+def test_label_reports_a_malformed_task_file_in_one_line(runner: CliRunner, tmp_path: Path, content: bytes,
+                                                         words: tuple[str, ...]) -> None:
+    task_file = tmp_path / "tasks.jsonl"
+    task_file.write_bytes(content)
+    result = runner.invoke(app, ["label", str(task_file), "--port", "0"], env=WIDE)
+    assert result.exit_code == 2
+    _one_clear_line(result, str(task_file), *words)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(runner: CliRunner, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a command that fails in a way nobody planned for; then one line naming the error and --debug ...
+    import flows.labeling_app
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(flows.labeling_app, "serve_server", broken)
+    responses = [{"id": "r0", "text": "a"}, {"id": "r1", "text": "b"}]
+    task_file = _jsonl(tmp_path / "tasks.jsonl", [{"item_id": "0", "prompt": "p", "responses": responses}])
+    result = runner.invoke(app, ["label", str(task_file), "--port", "0"], env=WIDE)
+    assert result.exit_code == 1
+    _one_clear_line(result, "RuntimeError: the disk caught fire", "--debug")
+    # ... and with --debug, the exception with its traceback.
+    result = runner.invoke(app, ["--debug", "label", str(task_file), "--port", "0"], env=WIDE)
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{")
+    result = runner.invoke(app, ["--debug", "label", str(bad)], env=WIDE)
+    assert isinstance(result.exception, ValueError) and "not JSON" in str(result.exception)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # validate
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -92,6 +169,24 @@ def test_validate_bad_data_exits_1_with_the_precise_report(runner: CliRunner, tm
     report = str(expected.value)
     assert "broken.jsonl" in report and "rejected" in report
     assert all(line.strip() in result.output for line in report.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([{"prompt": "Hi", "chosen": "Hello!"}, {"prompt": "Yo", "chosen": "Hey"}],
+     ["column 'rejected': [required] column missing from every row"]),
+    ([{**GOOD[0], "score": 1}], ["row 1 (line 1), column 'score': [unknown_column]"]),
+    ([{"prompt": 7, "chosen": "a", "rejected": "b"}], ["row 1 (line 1), column 'prompt': [type]"]),
+])
+def test_validate_reports_schema_level_failures_like_row_level_ones(runner: CliRunner, tmp_path: Path,
+                                                                    rows: list[dict], expected: list[str]) -> None:
+    # Given a file lacking a whole column, with an extra column or a value of the wrong type; then exit 1 and the
+    # report names file, column and rule (a missing column used to crash the explainer: int(None)).
+    data = _jsonl(tmp_path / "prefs.jsonl", rows)
+    result = runner.invoke(app, ["validate", str(data), "--kind", "preference"], env=WIDE)
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert "Traceback" not in result.output
+    for line in expected:
+        assert f"{data}, {line}" in result.stderr, result.stderr
 
 
 def test_validate_rejects_an_unknown_kind(runner: CliRunner, tmp_path: Path) -> None:

@@ -32,12 +32,17 @@ import pytest
 
 from flows.labeling_app import display_order, make_server
 from rlhf_core.collection import (
+    InvalidAnswer,
+    JudgeLabeler,
+    append_answer,
+    check_labeler,
     collect_rankings,
     item_id,
     rankings_from_answers,
     read_answers,
     read_answers_file,
     read_task_file,
+    validate_answer,
     write_jsonl_atomic,
 )
 
@@ -213,6 +218,153 @@ def test_skip_and_all_bad_give_no_ranking_row() -> None:
     assert (counts["collect/pairs"], counts["collect/skipped"], counts["collect/all_bad"]) == (6.0, 1.0, 1.0)
     assert counts["collect/answered_items"] == 3.0
     assert counts["collect/no_eos_fraction"] == pytest.approx(1 / 20, abs=1e-12)
+
+
+def _raw(server, request: bytes, timeout: float = 5.0) -> tuple[int, dict]:
+    """Send `request` as is on a fresh connection; the status and JSON body of the answer (the server closes the
+    connection after one answer). A request left unanswered fails with a socket timeout."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _post(server, body: bytes, length: str | None = None) -> bytes:
+    host = f"127.0.0.1:{server.server_port}"
+    size = str(len(body)) if length is None else length
+    return (f"POST /api/answer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode() + body
+
+
+def _answer(server, **changes: object) -> bytes:
+    ok = {"labeler": "ann", "item_id": server.items[0]["item_id"], "order": ["r0", "r1", "r2", "r3"]}
+    return json.dumps({**ok, **changes}).encode()
+
+
+def _get(server, target: str, host: str | None = None) -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{server.server_port}'}\r\n\r\n".encode()
+
+
+BAD_REQUESTS = {  # name: (request for a running server, expected status, words of the error message)
+    "negative length": (lambda s: _post(s, _answer(s), length="-1"), 400, "Content-Length"),
+    "non-numeric length": (lambda s: _post(s, _answer(s), length="abc"), 400, "Content-Length"),
+    "too large": (lambda s: _post(s, b"", length=str(2 << 20)), 413, "too large"),
+    "list as item id": (lambda s: _post(s, _answer(s, item_id=[s.items[0]["item_id"]])), 400, "unknown item id"),
+    "object as item id": (lambda s: _post(s, _answer(s, item_id={})), 400, "unknown item id"),
+    "lone surrogate in shown": (lambda s: _post(s, _answer(s, shown=["\ud800"])), 400, "shown"),
+    "shown is not the ids": (lambda s: _post(s, _answer(s, shown=["r0"])), 400, "shown"),
+    "lone surrogate as name": (lambda s: _post(s, _answer(s, labeler="\ud800")), 400, "invalid labeler name"),
+    "newline after the name": (lambda s: _post(s, _answer(s, labeler="ann\n")), 400, "invalid labeler name"),
+    "newline after the name (GET)": (lambda s: _get(s, "/api/state?labeler=alice%0A"), 400, "invalid labeler name"),
+    "all tied": (lambda s: _post(s, _answer(s, order=["r0"], tied=["r1", "r2", "r3"])), 400, "at least 2"),
+    "malformed Host": (lambda s: _get(s, "/healthz", host="[::1"), 403, "only answers"),
+    "malformed path": (lambda s: _get(s, "//[x/"), 404, "no such page"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_every_bad_request_gets_an_http_answer_and_the_server_goes_on(server, case: str) -> None:
+    """Given a request a careless or hostile client can send (a negative or non-numeric length, a list as item
+    id, a lone surrogate, a name with a trailing newline, an all-tied ranking, a malformed Host header), then it
+    gets a 4xx JSON answer naming the problem, nothing is saved, and a good answer right after it is saved."""
+    build, status, message = BAD_REQUESTS[case]
+    got, body = _raw(server, build(server))
+    assert (got, message in body.get("error", "")) == (status, True), body
+    assert read_answers(server.answers_dir) == []
+    assert _raw(server, _post(server, _answer(server)))[0] == 200
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(server, monkeypatch) -> None:
+    """Given a bug that raises inside the handler, then the page hears a JSON 500 (not a dropped connection)
+    saying the answer was not saved, and the next request is served."""
+    def broken(labeler: str) -> dict:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server, "state", broken)
+    status, body = _request(server.url + "api/state?labeler=ann")
+    assert status == 500 and "RuntimeError" in body["error"]
+    status, body = _request(server.url + "api/answer", {"labeler": "ann", "item_id": server.items[0]["item_id"],
+                                                        "action": "skip"})
+    assert status == 500 and "may NOT have been saved, submit it again" in body["error"]
+    monkeypatch.undo()
+    assert _request(server.url + "api/state?labeler=ann")[0] == 200
+
+
+def test_a_body_shorter_than_its_length_times_out_with_408(server, monkeypatch) -> None:
+    """Given a client that announces more bytes than it sends and waits, then it gets 408 once the request
+    timeout passes (instead of holding a thread forever)."""
+    from flows.labeling_app import LabelingHandler
+
+    monkeypatch.setattr(LabelingHandler, "timeout", 0.5)
+    status, body = _raw(server, _post(server, b'{"labeler": "ann"', length="100"))
+    assert status == 408 and "timed out" in body["error"]
+
+
+def test_checking_a_huge_order_is_linear() -> None:
+    """Given an order of 20,000 response ids (a 1 MiB body holds more than that), then refusing it takes
+    milliseconds: the duplicate check is linear (a quadratic one took ~6 s of CPU per request)."""
+    items = {item["item_id"]: item for item in _items()}
+    first = next(iter(items))
+    order = [f"x{i}" for i in range(10_000)]
+    start = time.process_time()
+    with pytest.raises(InvalidAnswer, match="unknown"):
+        validate_answer(items, {"labeler": "ann", "item_id": first, "order": order + order})
+    assert time.process_time() - start < 1.0
+
+
+def test_a_short_write_is_continued_until_the_whole_answer_is_on_disk(tmp_path: Path, monkeypatch) -> None:
+    """Given `os.write` writing at most 7 bytes per call (a signal or a full pipe can cut a write short), then
+    the answer line is still complete on disk."""
+    import rlhf_core.collection as collection
+
+    real_write = os.write
+    monkeypatch.setattr(collection.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    append_answer(tmp_path, {"labeler": "ann", "item_id": "00000-x", "action": "skip", "time": "t"})
+    append_answer(tmp_path, {"labeler": "ann", "item_id": "00001-x", "action": "skip", "time": "t"})
+    assert [a["item_id"] for a in read_answers_file(tmp_path / "ann.jsonl")] == ["00000-x", "00001-x"]
+
+
+def test_a_judge_that_scores_all_responses_equal_skips_the_item() -> None:
+    """Given a judge giving every response the same score, then its answer is a skip (a ranking of one response
+    would be accepted and counted yet give no pair), and the item gives no row."""
+    items = _items()
+    answer = JudgeLabeler(lambda prompt, response: 1.0).answer(items[0])
+    assert (answer["action"], answer["tied"]) == ("skip", ["r0", "r1", "r2", "r3"])
+    counts = rankings_from_answers(items[:1], [answer]).counts
+    assert (counts["collect/rankings"], counts["collect/skipped"]) == (0.0, 1.0)
+
+
+def test_labeler_names_must_match_in_full() -> None:
+    """Given a valid name followed by a newline, then it is refused (`$` would let it through)."""
+    for name in ("alice\n", "alice\r\n", "al ice", "-alice", "a" * 65):
+        with pytest.raises(InvalidAnswer):
+            check_labeler(name)
+    with pytest.raises(ValueError):
+        JudgeLabeler(lambda prompt, response: 0.0, name="judge\n")
+    assert check_labeler("alice.b-2_c") == "alice.b-2_c"
+
+
+def test_the_page_is_served_on_ipv6_loopback(task_file: Path) -> None:
+    """Given `--host ::1` (or `[::1]`), then the server binds IPv6 loopback, counts as loopback-only and answers
+    requests for `[::1]`."""
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    for host in ("::1", "[::1]"):
+        srv = make_server(task_file, task_file.parent / "answers", host=host, port=0)
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        try:
+            assert srv.loopback_only and srv.url == f"http://[::1]:{srv.server_port}/"
+            assert _request(srv.url + "healthz") == (200, {"ok": True, "items": 5})
+            assert _request(srv.url + "healthz", host="evil.example")[0] == 403
+        finally:
+            srv.shutdown()
+            srv.server_close()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -213,6 +213,40 @@ def test_non_utf8_file_names_the_byte_offset_and_line(tmp_path: Path) -> None:
     assert failure.message == f"not valid UTF-8: byte 0xf9 at byte offset {offset} (line 2); save the file as UTF-8"
 
 
+def test_a_jsonl_line_over_the_cap_is_refused_without_being_read_whole(tmp_path: Path, monkeypatch) -> None:
+    """Given a JSONL file whose second line is 8 MiB and a per-line cap of 64 KiB, then that line is refused
+    naming file, line and cap, the lines after it are still read and checked, and the peak of memory allocated
+    while reading stays within a few caps: the long line is never held whole (it used to be read, decoded and
+    split whole: 1.35 GB for a 200 MB line)."""
+    import tracemalloc
+
+    import schemas.readers
+
+    cap = 64 << 10
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(PREFS[0]) + "\n")
+        handle.write('{"prompt": "' + "x" * (8 << 20) + '", "chosen": "a", "rejected": "b"}\n')
+        handle.write(json.dumps(PREFS[1]) + "\n{not json}\n")
+    monkeypatch.setattr(schemas.readers, "MAX_LINE_BYTES", cap)
+    failures_of(tmp_path / "missing.jsonl", "preference")  # imports and caches warmed before measuring
+    tracemalloc.start()
+    try:
+        failures = failures_of(path, "preference")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(f.row, f.line, f.rule) for f in failures] == [(2, 2, "line_size"), (4, 4, "json")]
+    assert str(failures[0]).startswith(f"{path}, row 2 (line 2): [line_size] line longer than 65,536 bytes")
+    assert peak < 16 * cap, f"peak {peak:,} bytes while reading a file of {path.stat().st_size:,}"
+    # The cap is also a parameter of `read_source`; lines within it read as before.
+    ok = write_jsonl(tmp_path / "ok.jsonl", PREFS)
+    records = schemas.readers.read_source(ok, "preference", max_line_bytes=200)
+    assert records.rows == PREFS and records.lines == [1, 2]
+    with pytest.raises(DataValidationError, match="line longer than 10 bytes"):
+        schemas.readers.read_source(ok, "preference", max_line_bytes=10)
+
+
 @pytest.mark.parametrize(("name", "content", "rule", "message"), [
     ("empty.jsonl", "", "empty", "empty file"),
     ("blank.jsonl", "\n  \n", "empty", "empty file"),

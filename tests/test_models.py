@@ -3,8 +3,10 @@ exact save/load, last-real-token scoring."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from rlhf_core.inference import load_policy
 from rlhf_core.models import (
     VALUE_HEAD_FILE,
     PolicyWithValueHead,
@@ -228,3 +231,71 @@ def test_reward_model_refuses_a_directory_whose_body_weights_are_missing(tiny_mo
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"model\.layers\.{config['num_hidden_layers'] - 1}\..*causal-LM"):
         reward_model_from_causal_lm(broken)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safetensors only: pickle weights can run code when unpickled
+# --------------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pickle_only_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its weights as `pytorch_model.bin` (pickle) and no safetensors file."""
+    directory = tmp_path_factory.mktemp("pickle_only") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    torch.save(state, directory / "pytorch_model.bin")
+    for path in directory.glob("*.safetensors"):
+        path.unlink()
+    return directory
+
+
+def _train_sft_on(model_dir: Path, output_dir: Path) -> None:
+    from rlhf_core.trainers.sft import SFTConfig, train_sft
+
+    rows = [{"prompt": "Hi", "response": "Hello"}]
+    train_sft(SFTConfig(max_steps=1, batch_size=1), model_dir, rows, [], output_dir)
+
+
+@pytest.mark.parametrize("load", [
+    lambda path: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True),  # what the library asks
+    lambda path: load_policy(path),
+    lambda path: load_reward_model(path),
+    lambda path: reward_model_from_causal_lm(path),
+    lambda path: PolicyWithValueHead.from_pretrained(path),
+], ids=["transformers", "load_policy", "load_reward_model", "reward_model_from_causal_lm", "policy_with_value_head"])
+def test_model_loaders_refuse_a_directory_with_only_pickle_weights(pickle_only_dir: Path, load) -> None:  # noqa: ANN001
+    """Given a model directory whose weights are only `pytorch_model.bin`, then every loader refuses it."""
+    with pytest.raises(OSError, match="safetensors"):
+        load(pickle_only_dir)
+
+
+def test_the_sft_trainer_refuses_a_directory_with_only_pickle_weights(pickle_only_dir: Path, tmp_path: Path) -> None:
+    """Given pickle-only weights as the base model, then SFT refuses to start (nothing is unpickled)."""
+    with pytest.raises(OSError, match="safetensors"):
+        _train_sft_on(pickle_only_dir, tmp_path / "out")
+
+
+def _model_loads(root: Path) -> list[tuple[str, int, bool]]:
+    """(file, line, passes use_safetensors=True) of every `AutoModel*.from_pretrained(...)` call under `root`."""
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = node.func if isinstance(node, ast.Call) else None
+            if not (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"
+                    and isinstance(func.value, ast.Name) and func.value.id.startswith("AutoModel")):
+                continue
+            safe = any(k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords)
+            calls.append((str(path.relative_to(REPO)), node.lineno, safe))
+    return calls
+
+
+def test_every_model_load_in_the_library_and_tasks_is_safetensors_only() -> None:
+    """Given the source of rlhf_core/ and tasks/, then every `AutoModel*.from_pretrained` passes
+    `use_safetensors=True` (the trainers used to load the SFT model and the frozen reference without it)."""
+    calls = _model_loads(REPO / "rlhf_core") + _model_loads(REPO / "tasks")
+    assert len(calls) >= 8
+    assert [(path, line) for path, line, safe in calls if not safe] == []

@@ -15,6 +15,7 @@ import pandera.pandas as pa
 import pytest
 
 from schemas import DataLimits, DataValidationError, Failure, load_rows, schema_for
+from schemas.errors import code_block, code_span
 
 USER = {"role": "user", "content": "My order #123456 is late."}
 ASSISTANT = {"role": "assistant", "content": "I've reshipped order #123456 by express."}
@@ -247,6 +248,40 @@ def test_report_is_written_as_markdown_and_json(tmp_path: Path) -> None:
     assert as_json["failures"] == [{"source": str(path), "row": 1, "line": 1, "column": "chosen, rejected",
                                     "rule": "chosen_differs_from_rejected",
                                     "message": "chosen and rejected are the same response", "value": '"x"'}]
+
+
+@pytest.mark.parametrize(("text", "span"), [
+    ("plain", "`plain`"),
+    ("a ` b", "``a ` b``"),
+    ("``x``", "``` ``x`` ```"),
+    ("two\nlines\r\nthree", "`two lines three`"),
+    (" padded ", "`  padded  `"),
+])
+def test_a_code_span_holds_any_text_on_one_line(text: str, span: str) -> None:
+    """CommonMark: a code span's fence is longer than any backtick run inside; content that starts or ends with
+    a backtick, or with a space at both ends, is padded by one space (which the renderer strips)."""
+    assert code_span(text) == span
+
+
+def test_a_code_block_fence_is_longer_than_any_backtick_run_inside() -> None:
+    assert code_block("rlhf label tasks.jsonl") == "```\nrlhf label tasks.jsonl\n```"
+    assert code_block("a ```` b") == "`````\na ```` b\n`````"
+
+
+def test_report_values_with_backticks_stay_in_one_code_span_and_one_row(tmp_path: Path) -> None:
+    """Given a value holding backticks and a pipe, and a column name holding a newline, then each failure is one
+    row of the Markdown table, and the value is one code span (fenced by a longer backtick run) that contains
+    it whole: it used to be wrapped in single backticks, which the first backtick inside closed."""
+    value = "x `y` | ``z``"
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": value, "rejected": value, "a\nb": 1}])
+    with pytest.raises(DataValidationError) as caught:
+        load_rows(path, "preference")
+    rows = [line for line in caught.value.report.to_markdown().splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == len(caught.value.failures) == 2
+    [same] = [row for row in rows if "chosen_differs_from_rejected" in row]
+    assert same.endswith(' | ```"x `y` \\| ``z``"``` |'), same
+    [unknown] = [row for row in rows if "unknown_column" in row]
+    assert unknown.startswith("| 1 | 1 | a b | unknown_column |") and unknown.endswith(" | `1` |")
 
 
 def test_schemas_are_plain_pandera_schemas_usable_on_a_dataframe() -> None:

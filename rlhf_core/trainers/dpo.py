@@ -194,7 +194,9 @@ def reference_logps(
     frozen = None
     if config.lora is None:
         frozen = freeze(
-            disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+            disable_dropout(
+                AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+            )
         )
         frozen.to(accelerator.device)
     with reference_model(policy, frozen) as ref:
@@ -295,7 +297,9 @@ def train_dpo(
     tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
     config = resolve_from_rows(config, tokenizer, train_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32))
+    model = disable_dropout(
+        AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32, use_safetensors=True)
+    )
     if config.lora is not None:
         model = apply_lora(model, config.lora)
     model.to(accelerator.device)

@@ -280,7 +280,9 @@ class PolicyAndCritic(nn.Module):
 def build_actor_critic(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path) -> nn.Module:
     """The trained module: the SFT policy (with LoRA adapters if configured) and its critic (see the module
     docstring), dropout off, float32 master weights."""
-    actor = disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32))
+    actor = disable_dropout(
+        AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32, use_safetensors=True)
+    )
     if config.lora is not None:
         actor = apply_lora(actor, config.lora)
     if config.critic == "shared":
@@ -572,7 +574,7 @@ class PPOModels:
 
 def _load_frozen(path: str | Path, reward: bool) -> nn.Module:
     model = load_reward_model(path, dtype=torch.float32) if reward else AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32)
+        path, dtype=torch.float32, use_safetensors=True)
     return freeze(disable_dropout(model))
 
 

@@ -225,7 +225,9 @@ def train_sft(
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     config = resolve_from_rows(config, tokenizer, train_rows)
-    model = disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+    model = disable_dropout(
+        AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    )
     if config.lora is not None:
         model = apply_lora(model, config.lora)
     session = start_session(config, accelerator, model, output_dir, logger)
