@@ -33,6 +33,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from rlhf_core.atomic import atomic_replace_dir
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -188,7 +190,7 @@ def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path) -> Path:
             with console.status(f"Downloading {download_uri} …"):
                 mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            staging.rename(target)
+            atomic_replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return find_hf_model_dir(target)
