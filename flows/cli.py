@@ -15,11 +15,13 @@ default local store (`runs/mlflow.db`). Heavy imports (torch, prefect, mlflow) h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -650,11 +652,40 @@ def ui(
     root = artifact_root or (cfg.artifact_location() if cfg is not None else default_artifact_root())
     command = mlflow_ui_command(uri, root, host, port, workers)
     console.print(f"MLflow UI on [bold]http://{host}:{port}[/] for {escape(uri)} (Ctrl-C stops it)")
+    raise typer.Exit(run_server(command))
+
+
+def run_server(command: list[str], grace_s: float = 10.0) -> int:
+    """Run a server until it exits or this process is stopped (Ctrl-C, SIGTERM); returns its exit code (0
+    when stopped). The server gets its own process group and, when it ends or is stopped, the whole group
+    (the server and the workers it forked) is terminated: SIGTERM, then SIGKILL after `grace_s`."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    process = subprocess.Popen(command, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        code = subprocess.call(command)
+        code = process.wait()
     except KeyboardInterrupt:
         code = 0
-    raise typer.Exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(process, grace_s)
+    return code
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # the whole group is gone already
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @app.command()
