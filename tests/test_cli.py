@@ -269,8 +269,15 @@ def test_rlhf_ui_stopped_with_sigterm_stops_the_server_and_its_workers(tmp_path:
     """Given `rlhf ui` running its server (which has a worker process), when `rlhf ui` gets SIGTERM (as from a
     service manager or `kill`), then it exits and neither the server nor its worker is left running."""
     pids = tmp_path / "pids"
-    command = [sys.executable, "-c", UI_WITH_FAKE_SERVER, FAKE_SERVER, str(pids),
-               f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "art").as_uri()]
+    command = [
+        sys.executable,
+        "-c",
+        UI_WITH_FAKE_SERVER,
+        FAKE_SERVER,
+        str(pids),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        (tmp_path / "art").as_uri(),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ui = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

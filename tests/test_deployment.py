@@ -72,8 +72,9 @@ class Prefect:
         body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200, "offset": 0}
         return self._api("POST", "/task_runs/filter", body)
 
-    def _api(self, method: str, path: str, body: dict | None = None, login: bool = True,
-             csrf: bool = True) -> dict | list:
+    def _api(
+        self, method: str, path: str, body: dict | None = None, login: bool = True, csrf: bool = True
+    ) -> dict | list:
         headers = {"Content-Type": "application/json"}
         if login:
             headers["Authorization"] = "Basic " + base64.b64encode(self.auth.encode()).decode()

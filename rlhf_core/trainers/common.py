@@ -440,7 +440,7 @@ def shard_global_batch(
 
 @dataclass
 class TrainState:
-    """The loop's own state, saved as `trainer_state.json` beside accelerate's state in every checkpoint.
+    """The loop's own state, saved as `trainer_state.json` beside the weights and optimizer in every checkpoint.
 
     `extra` holds JSON-serialisable stage state (e.g. a KL controller's coefficient, a prompt cursor).
     """

@@ -7,8 +7,8 @@ with ℓ from `rlhf_core.losses.dpo_loss` (sigmoid / ipo / hinge, optional label
 sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
 
 1. Reference log-probs are computed once, before training, in one pass over the train and eval pairs, and
-   cached in `output_dir/reference_logprobs.safetensors` (atomically written). A resumed run loads the cache instead of
-   recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
+   cached in `output_dir/reference_logprobs.safetensors` (atomically written, the fingerprint in its header).
+   A resumed run loads the cache instead of recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
    are deterministic either way). With LoRA the reference is the policy with adapters disabled; without LoRA a
    frozen copy of the SFT model is loaded for that pass and freed before training.
 2. Each step, chosen and rejected responses of a micro-batch go through the policy in ONE forward pass
