@@ -18,11 +18,13 @@ exit, and so is any error a command did not expect; `rlhf --debug COMMAND …` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 from typer.core import TyperGroup
+
+from rlhf_core.atomic import atomic_replace_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -225,7 +229,7 @@ def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path) -> Path:
             with console.status(f"Downloading {download_uri} …"):
                 mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            staging.rename(target)
+            atomic_replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return find_hf_model_dir(target)
@@ -689,11 +693,40 @@ def ui(
     root = artifact_root or (cfg.artifact_location() if cfg is not None else default_artifact_root())
     command = mlflow_ui_command(uri, root, host, port, workers)
     console.print(f"MLflow UI on [bold]http://{host}:{port}[/] for {escape(uri)} (Ctrl-C stops it)")
+    raise typer.Exit(run_server(command))
+
+
+def run_server(command: list[str], grace_s: float = 10.0) -> int:
+    """Run a server until it exits or this process is stopped (Ctrl-C, SIGTERM); returns its exit code (0
+    when stopped). The server gets its own process group and, when it ends or is stopped, the whole group
+    (the server and the workers it forked) is terminated: SIGTERM, then SIGKILL after `grace_s`."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    process = subprocess.Popen(command, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        code = subprocess.call(command)
+        code = process.wait()
     except KeyboardInterrupt:
         code = 0
-    raise typer.Exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(process, grace_s)
+    return code
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # the whole group is gone already
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @app.command()

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig, dump_config, load_config
 from rlhf_core.evaluation import results_table
-from tasks import tracking
+from tasks import parent_runs, tracking
 from tasks.base_model import resolve_base_model
 from tasks.collect import collect_task
 from tasks.dpo import dpo_task
@@ -102,6 +102,7 @@ def start_pipeline_run(config: PipelineConfig, flow_name: str = "pipeline") -> S
     client = tracking.tracking_client(config.tracking_uri())
     experiment_id = tracking.ensure_experiment(client, config.tracking.experiment_name, config.artifact_location())
     flow_run_id, flow_run_url = _flow_run()
+    parent_runs.close_dead_runs(client, experiment_id, config.name, config.work_path())
     run = client.create_run(experiment_id, run_name=config.name, tags={k: v for k, v in {
         "rlhf.kind": "pipeline",
         "rlhf.pipeline": config.name,
@@ -114,6 +115,7 @@ def start_pipeline_run(config: PipelineConfig, flow_name: str = "pipeline") -> S
         "prefect.flow_run_url": flow_run_url,
     }.items() if v is not None})
     run_id = run.info.run_id
+    parent_runs.hold(config.work_path(), run_id)
     tracking.log_text(client, run_id, dump_config(config), "pipeline_config.yaml")
     tracking.log_params(client, run_id, {"algorithm": config.algorithm, "base_model": config.base_model,
                                          "seed": str(config.seed), "stages": ",".join(config.active_stages())})
@@ -208,6 +210,7 @@ def register_policy(env: StageEnv, policy: StagePointer, evaluation: StagePointe
 def finish_pipeline(env: StageEnv, pointers: dict[str, StagePointer], status: str) -> None:
     """Close the parent run and attach the stage-pointer table to the flow run."""
     tracking.end_run(env.client, env.parent_run_id, status)
+    parent_runs.release(env.config.work_path(), env.parent_run_id)
     if _flow_run()[0] is not None:
         stage_table_artifact({s: p for s, p in pointers.items() if s != "base"})
 
@@ -224,8 +227,8 @@ def rlhf_pipeline(config_path: str, overrides: list[str] | None = None) -> Pipel
         registered = None
         if policy is not None and policy.model_uri is not None:  # nothing to register without a logged model
             registered = register_policy(env, policy, pointers.get("evaluate"))
-    except BaseException:
-        finish_pipeline(env, pointers, "FAILED")
+    except BaseException as exc:
+        finish_pipeline(env, pointers, tracking.status_for(exc))
         raise
     finish_pipeline(env, pointers, "FINISHED")
     result = PipelineResult(

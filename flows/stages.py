@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows.config import load_config
 from flows.pipeline import finish_pipeline, start_pipeline_run
+from tasks import tracking
 from tasks.base_model import resolve_base_model
 from tasks.collect import collect_task
 from tasks.dpo import dpo_task
@@ -75,8 +76,8 @@ def run_single_stage(stage: str, config_path: str, upstream: dict[str, Any] | No
             env, resolve_base_model(config))
         if stage != "validate":
             pointers[stage] = _run(env, stage, pointers["validate"], up)
-    except BaseException:
-        finish_pipeline(env, pointers, "FAILED")
+    except BaseException as exc:
+        finish_pipeline(env, pointers, tracking.status_for(exc))
         raise
     finish_pipeline(env, pointers, "FINISHED")
     return pointers[stage]

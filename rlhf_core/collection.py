@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_core.atomic import atomic_open
 from rlhf_core.generation import SamplingConfig, generate
 from rlhf_core.models import disable_dropout, load_reward_model, score_sequences
 from rlhf_core.tokenization import Conversation, collate_right_padded, encode_prompt_response
@@ -189,14 +190,9 @@ def sample_candidates(
 def write_jsonl_atomic(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write rows as JSON lines to a temporary file, fsync, rename into place: `path` is complete or absent."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -7,6 +7,11 @@
 #
 # Ports: PREFECT_PORT (default 4200) and MLFLOW_PORT (default 5000). DEPLOYMENT (default quickstart) is the
 # deployment triggered; TRIGGER=0 skips the trigger. Logs and pid files: runs/serve/.
+#
+# The Prefect API can run any deployment with any parameters (docs/deployment.md, "Securing a shared server"),
+# so the server requires a login (PREFECT_SERVER_API_AUTH_STRING, generated once into runs/serve/prefect_auth,
+# mode 0600, and printed once; the UI asks for it), checks CSRF tokens and accepts browser calls only from
+# its own origin. Clients (this script, the worker, `prefect` in another shell) send PREFECT_API_AUTH_STRING.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -20,6 +25,13 @@ POOL=rlhf-pool
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 mkdir -p "$STATE"
+
+AUTH_FILE=$STATE/prefect_auth
+if [ "${1:-start}" != "stop" ] && [ ! -s "$AUTH_FILE" ]; then
+  (umask 077 && python -c "import secrets; print('admin:' + secrets.token_urlsafe(32))" >"$AUTH_FILE")
+  echo "Prefect login (user:password), shown once, kept in $AUTH_FILE: $(cat "$AUTH_FILE")"
+fi
+[ -f "$AUTH_FILE" ] && chmod 600 "$AUTH_FILE"
 
 stop() {
   # Each service runs in its own session (setsid), so its pid is its process-group id: stop the whole group.
@@ -59,8 +71,16 @@ wait_http() {  # wait_http NAME URL: until URL answers 200, or fail with the ser
 
 if [ "${1:-start}" = "stop" ]; then stop; exit 0; fi
 
-# 1. Prefect server (UI + API); its database lives in PREFECT_HOME (default ~/.prefect).
-start_bg prefect prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
+# 1. Prefect server (UI + API); its database lives in PREFECT_HOME (default ~/.prefect). The secret travels in
+#    the environment, not on a command line that `ps` shows to every user.
+PREFECT_AUTH=$(cat "$AUTH_FILE")
+export PREFECT_API_AUTH_STRING=$PREFECT_AUTH
+(
+  export PREFECT_SERVER_API_AUTH_STRING=$PREFECT_AUTH
+  export PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=true
+  export PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS="http://127.0.0.1:${PREFECT_PORT}"
+  start_bg prefect prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
+)
 # 2. MLflow server on the pipeline's default store, so runs logged before (and `rlhf run` runs) show up too.
 start_bg mlflow mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
   --backend-store-uri sqlite:///runs/mlflow.db --artifacts-destination runs/mlartifacts
@@ -86,7 +106,8 @@ cat <<EOF
 Prefect UI   http://127.0.0.1:${PREFECT_PORT}        (flow runs, one task run per stage, MLflow links)
 MLflow UI    http://127.0.0.1:${MLFLOW_PORT}        (the config's experiment: pipeline run + stage runs; Models: rlhf-policy)
 Logs         $STATE/{prefect,mlflow,worker}.log
-In another shell first:  export PREFECT_API_URL=$PREFECT_API_URL
+Prefect login           in $AUTH_FILE (user:password; the UI asks for it once per browser)
+In another shell first:  export PREFECT_API_URL=$PREFECT_API_URL PREFECT_API_AUTH_STRING="\$(cat $AUTH_FILE)"
 Trigger again:           prefect deployment run 'rlhf-pipeline/$DEPLOYMENT'
 Stop everything:         bash scripts/serve_local.sh stop
 EOF

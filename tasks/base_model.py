@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlhf_core.atomic import atomic_replace_dir
 from tasks.caching import file_lock
 from tasks.pointers import StagePointer
 
@@ -37,7 +37,7 @@ def tiny_base_dir(config: PipelineConfig) -> Path:
             tmp = final.with_name(f".tmp-{final.name}")
             shutil.rmtree(tmp, ignore_errors=True)
             create_tiny_base(tmp, seed=config.seed)
-            os.replace(tmp, final)
+            atomic_replace_dir(tmp, final)
     return final
 
 

@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, is_dataclass
@@ -35,6 +34,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from rlhf_core.atomic import atomic_write_text
 from tasks.pointers import StagePointer
 from tasks.tracking import MODEL_ARTIFACT, run_exists
 
@@ -110,10 +110,8 @@ def read_pointer(directory: Path) -> StagePointer | None:
 
 
 def write_pointer(directory: Path, pointer: StagePointer) -> None:
-    """Write `pointer.json` atomically (temp file + rename): a pointer that exists is complete."""
-    tmp = directory / f".{POINTER_FILE}.tmp"
-    tmp.write_text(pointer.model_dump_json(indent=2))
-    os.replace(tmp, directory / POINTER_FILE)
+    """Write `pointer.json` atomically (temp file, fsync, rename): a pointer that exists is complete."""
+    atomic_write_text(directory / POINTER_FILE, pointer.model_dump_json(indent=2))
 
 
 def stale_reason(pointer: StagePointer, client: MlflowClient) -> str | None:

@@ -162,10 +162,10 @@ def _execute(env: StageEnv, client: MlflowClient, stage: str, key: str, director
         run = StageRun(client, run_id, directory / caching.TRAIN_DIRNAME, tracking.MLflowLogger(client, run_id))
         outcome = execute(run)
         pointer = _record_outcome(env, client, stage, key, run, outcome, data)
-    except BaseException:
+    except BaseException as exc:
         if monitor is not None:
             monitor.finish()
-        tracking.end_run(client, run_id, "FAILED")
+        tracking.end_run(client, run_id, tracking.status_for(exc))
         raise
     if monitor is not None:
         monitor.finish()

@@ -156,6 +156,14 @@ def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None
     client.set_terminated(run_id, status=status)
 
 
+def status_for(exc: BaseException) -> str:
+    """How a run ended by `exc` is closed: KILLED when it was stopped (Ctrl-C, SIGTERM — which Prefect raises
+    as `TerminationSignal` inside a flow run — or an exit), FAILED when it broke."""
+    from prefect.exceptions import TerminationSignal
+
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit, TerminationSignal)) else "FAILED"
+
+
 def mark_killed_if_running(client: MlflowClient, run_id: str) -> bool:
     """A run left RUNNING by a process that died (SIGKILL, OOM) is closed as KILLED; True if it was."""
     try:

@@ -8,8 +8,6 @@ artifact and logged to a FAILED MLflow `validate` run.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer
 
+from rlhf_core.atomic import atomic_open, sha256_file
 from rlhf_core.lengths import LengthStats, measure_lengths
-from schemas import DataValidationError, content_digest, load_rows, train_eval_split
+from schemas import DataValidationError, canonical_json, content_digest, load_rows, train_eval_split
 from tasks import tracking
 from tasks.lengths import LENGTHS_KEY
 from tasks.pointers import DataRef, StagePointer
@@ -48,16 +47,16 @@ class DataValidationFailed(RuntimeError):
 
 
 def store_rows(work_dir: Path, name: str, kind: str, rows: list[dict], source: str) -> DataRef:
-    """Write `rows` as JSON lines to `<work_dir>/data/<name>-<digest>.jsonl` (content-addressed, atomic)."""
+    """Write `rows` as canonical JSON lines to `<work_dir>/data/<name>-<digest>.jsonl` (content-addressed,
+    atomic), so the file's sha256 is the rows' digest. A file already there is reused only when its sha256
+    still matches; otherwise (edited, truncated, an older format) it is written again."""
     digest = content_digest(rows)
-    path = work_dir / "data" / f"{name}-{digest.rpartition(':')[2][:16]}.jsonl"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as handle:
+    hex_digest = digest.rpartition(":")[2]
+    path = work_dir / "data" / f"{name}-{hex_digest[:16]}.jsonl"
+    if not (path.is_file() and sha256_file(path) == hex_digest):
+        with atomic_open(path, "w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+                handle.write(canonical_json(row) + "\n")
     return DataRef(name=name, kind=kind, digest=digest, path=str(path), source=source, num_rows=len(rows))
 
 

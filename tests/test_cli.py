@@ -4,13 +4,19 @@
 - generate: from a local tiny model directory, and the same text from the same model logged to MLflow
   (`runs:/…/model`, `models:/…@alias`), downloaded once into the cache.
 - lineage: the tree of a store built with the tags of docs/lineage.md, as text and as JSON; holes exit 2.
+- ui: stopped with SIGTERM, it stops its server's whole process group.
 (`rlhf run` end to end and `rlhf ui` are tested with the servers, in tests/test_deployment.py.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,7 @@ from flows.lineage import walk_lineage
 
 # MLflow cannot tell which of its local sources a relative dataset path is; irrelevant to lineage.
 pytestmark = pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")
+REPO = Path(__file__).resolve().parents[1]
 WIDE = {"COLUMNS": "250"}  # rich wraps at the terminal width; keep digests and ids on one line
 
 
@@ -325,3 +332,63 @@ def test_chat_answers_each_turn_until_exit(runner: CliRunner, tiny_model_dir: Pa
     assert result.exit_code == 0, result.output
     assert result.output.count("model > ") == 3  # two answers and the reset notice
     assert "model > (history cleared)" in result.output
+
+
+# A stand-in for `mlflow ui`: a server process with a worker child (as gunicorn/uvicorn have), both pids written.
+FAKE_SERVER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+open(sys.argv[1], "w").write(f"{__import__('os').getpid()} {worker.pid}")
+time.sleep(300)
+"""
+
+UI_WITH_FAKE_SERVER = """
+import sys
+import flows.cli as cli
+cli.mlflow_ui_command = lambda *args, **kwargs: [sys.executable, "-c", sys.argv[1], sys.argv[2]]
+cli.app(["ui", "--tracking-uri", sys.argv[3], "--artifact-root", sys.argv[4]], standalone_mode=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of the (now dead) server is reaped by init; until then it is a zombie.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_rlhf_ui_stopped_with_sigterm_stops_the_server_and_its_workers(tmp_path: Path) -> None:
+    """Given `rlhf ui` running its server (which has a worker process), when `rlhf ui` gets SIGTERM (as from a
+    service manager or `kill`), then it exits and neither the server nor its worker is left running."""
+    pids = tmp_path / "pids"
+    command = [
+        sys.executable,
+        "-c",
+        UI_WITH_FAKE_SERVER,
+        FAKE_SERVER,
+        str(pids),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        (tmp_path / "art").as_uri(),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ui = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (pids.is_file() and len(pids.read_text().split()) == 2):
+        assert ui.poll() is None, ui.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+    server, worker = map(int, pids.read_text().split())
+    try:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while (_alive(server) or _alive(worker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server) and not _alive(worker), "rlhf ui left its server running"
+    finally:
+        for pid in (server, worker):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,8 @@
 """End to end as a user, on 127.0.0.1: the quickstart deployment on a local Prefect server, `rlhf run`, `rlhf ui`.
 
-The quickstart deployment is served exactly as docs/deployment.md tells a user.
+The quickstart deployment is served exactly as docs/deployment.md tells a user, secured as
+scripts/serve_local.sh does it: a login (PREFECT_SERVER_API_AUTH_STRING), CSRF protection and CORS limited to
+the server's own origin; the CLI and the worker log in with PREFECT_API_AUTH_STRING.
 
 Given a fresh `prefect server start` on a free 127.0.0.1 port (temporary PREFECT_HOME) and the repository's
 `prefect.yaml`, when we create the process work pool, `prefect deploy --name quickstart`, start a worker and
@@ -13,14 +15,17 @@ gives up after `DEADLINE_S`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -51,6 +56,7 @@ class Prefect:
     api_url: str
     env: dict[str, str]
     logs: Path
+    auth: str
 
     def cli(self, *args: str, cwd: Path = REPO, timeout: float = 120) -> str:
         """Run `prefect …` against this server; return stdout, fail the test with the output on error."""
@@ -66,12 +72,27 @@ class Prefect:
         body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200, "offset": 0}
         return self._api("POST", "/task_runs/filter", body)
 
-    def _api(self, method: str, path: str, body: dict | None = None) -> dict | list:
+    def _api(
+        self, method: str, path: str, body: dict | None = None, login: bool = True, csrf: bool = True
+    ) -> dict | list:
+        headers = {"Content-Type": "application/json"}
+        if login:
+            headers["Authorization"] = "Basic " + base64.b64encode(self.auth.encode()).decode()
+        if csrf and method != "GET":
+            token = self._api("GET", "/csrf-token?client=test", login=login)
+            headers |= {"Prefect-Csrf-Token": token["token"], "Prefect-Csrf-Client": "test"}
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.api_url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
+
+    def refused(self, method: str, path: str, **kwargs: bool) -> int:
+        """The HTTP status of a request the server must refuse (0 if it was accepted)."""
+        try:
+            self._api(method, path, {} if method != "GET" else None, **kwargs)
+        except urllib.error.HTTPError as error:
+            return error.code
+        return 0
 
 
 @contextmanager
@@ -119,6 +140,7 @@ def prefect_server(root: Path, extra_env: dict[str, str]) -> Iterator[Prefect]:
     """`prefect server start --host 127.0.0.1` on a free port with PREFECT_HOME under `root`."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
+    auth = "admin:" + secrets.token_urlsafe(16)
     env = {
         **os.environ,
         # `prefect deploy` resolves the pull step's `{{ $PWD }}` from this, as a shell in the repo root would.
@@ -129,15 +151,22 @@ def prefect_server(root: Path, extra_env: dict[str, str]) -> Iterator[Prefect]:
         "PREFECT_UI_ENABLED": "false",  # the UI is not under test; skipping its static build starts faster
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "PREFECT_API_AUTH_STRING": auth,
         **extra_env,
+    }
+    server_env = {
+        **env,
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}",
     }
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(command, env, logs / "server.log") as server:
+    with background(command, server_env, logs / "server.log") as server:
         wait_until(lambda: _healthy(f"{api_url}/health") or server.poll() is not None, 90, "the Prefect server")
         assert server.poll() is None, (logs / "server.log").read_text()
-        yield Prefect(api_url, env, logs)
+        yield Prefect(api_url, env, logs, auth)
 
 
 def trigger(prefect: Prefect, deployment: str, parameters: dict) -> str:
@@ -162,6 +191,9 @@ def serve_and_run(root: Path, deployment: str, parameters: dict, extra_env: dict
     start = time.monotonic()
     with ExitStack() as stack:
         prefect = stack.enter_context(prefect_server(root, {**extra_env, "PWD": str(cwd)}))
+        # Secured: no login → 401; a logged-in write without a CSRF token → 403.
+        assert prefect.refused("POST", "/flow_runs/filter", login=False) == 401
+        assert prefect.refused("POST", "/flow_runs/filter", csrf=False) == 403
         prefect.cli("work-pool", "create", POOL, "--type", "process", cwd=cwd)
         prefect.cli("deploy", "--name", deployment.split("/", 1)[1], cwd=cwd)
         stack.enter_context(background([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],

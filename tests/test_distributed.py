@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhf_core.callbacks import ListLogger
+from rlhf_core.trainers.common import latest_checkpoint
 from rlhf_core.trainers.dpo import DPOConfig, train_dpo
 from rlhf_core.trainers.sft import SFTConfig, train_sft
 
@@ -51,6 +52,7 @@ def _configs(batch_size: int) -> tuple[dict, dict]:
         "eval_every": 2,
         "warmup_steps": 1,
         "lr_schedule": "linear",
+        "checkpoint_every": 2,
     }
     return common, {**common, "dpo_beta": 0.1}
 
@@ -127,3 +129,10 @@ def test_two_processes_follow_the_single_process_loss_curve(tiny_model_dir: Path
                 msg=f"{prefix}/{name}: {got[name]} vs {expected[name]}",
             )
     assert _series(dpo_logger.records, "dpo")["reward_margin"][-1] > 0
+    # Each process saved its own RNG states into the shared checkpoint, and the manifest covers them.
+    for stage in ("sft", "dpo"):
+        checkpoint = latest_checkpoint(tmp_path / "two" / stage, verify_hashes=True)
+        assert checkpoint is not None and checkpoint.name == "step-4"
+        listed = json.loads((checkpoint / "manifest.json").read_text())["files"]
+        assert {f"rng-{i}.{ext}" for i in (0, 1) for ext in ("json", "safetensors")} <= listed.keys()
+        assert not (checkpoint / "rng-2.json").exists()

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.interrupt import InterruptAt
+from helpers.pickles import assert_no_pickles
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -133,14 +135,14 @@ def _reference_by_hand(model_dir: Path, tokenizer: PreTrainedTokenizerBase, rows
 def test_reference_logps_are_the_sft_models_and_cached(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, tmp_path: Path, lora: LoRAConfig | None
 ) -> None:
-    """Given DPO on 6 train + 2 eval pairs, then `reference_logprobs.pt` holds the SFT model's log-probs of
+    """Given DPO on 6 train + 2 eval pairs, then `reference_logprobs.safetensors` holds the SFT model's log-probs of
     all 8 (with LoRA: the policy with adapters disabled computes exactly those), and a resumed run reuses the
     file instead of recomputing it."""
     train_rows, eval_rows = preferences(6), preferences(2, 50)
     config = _config(max_steps=2, batch_size=2, checkpoint_every=1, lora=lora)
     train_dpo(config, tiny_model_dir, train_rows, eval_rows, tmp_path)
     cache_path = tmp_path / REFERENCE_CACHE
-    cache = torch.load(cache_path, weights_only=True)
+    cache = load_file(cache_path)
     expected = _reference_by_hand(tiny_model_dir, tiny_tokenizer, train_rows + eval_rows)
     torch.testing.assert_close(cache["logps"], expected, atol=1e-5, rtol=1e-6)
 
@@ -163,11 +165,9 @@ def test_stale_reference_cache_is_recomputed(tiny_model_dir: Path, tmp_path: Pat
     other.mkdir()
     (other / REFERENCE_CACHE).write_bytes((tmp_path / "a" / REFERENCE_CACHE).read_bytes())
     train_dpo(_config(max_steps=1), tiny_model_dir, preferences(4, 20), [], other)
-    old = torch.load(tmp_path / "a" / REFERENCE_CACHE, weights_only=True)
-    new = torch.load(other / REFERENCE_CACHE, weights_only=True)
-    assert old["fingerprint"] != new["fingerprint"]
-    assert not torch.equal(old["logps"], new["logps"])
-
+    old, new = (safe_open(path / REFERENCE_CACHE, framework="pt") for path in (tmp_path / "a", other))
+    assert old.metadata()["fingerprint"] != new.metadata()["fingerprint"]
+    assert not torch.equal(old.get_tensor("logps"), new.get_tensor("logps"))
 
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -183,3 +183,5 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_pa
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert_no_pickles(tmp_path / "straight")
+    assert_no_pickles(tmp_path / "resumed")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.pickles import assert_no_pickles
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -228,6 +229,8 @@ def test_kill_and_resume_follows_the_same_trajectory(tiny_model_dir, reward_mode
     torch.testing.assert_close(head_resumed["weight"], head_full["weight"], atol=1e-6, rtol=0)
     # and the adaptive β really moved, so its state had to be restored
     assert len(set(uninterrupted.series("ppo/kl_coef"))) > 1
+    assert_no_pickles(tmp_path / "full")
+    assert_no_pickles(tmp_path / "killed")
 
 
 @pytest.mark.parametrize("broken", ["reward_model", "reference"])

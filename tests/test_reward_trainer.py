@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.interrupt import InterruptAt
+from helpers.pickles import assert_no_pickles
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
@@ -215,7 +216,6 @@ def test_normalisation_stores_the_offset_as_the_head_bias(
     assert loaded_scores.mean().item() == pytest.approx(0.0, abs=1e-5)
 
 
-
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = _config(max_steps=6, batch_size=2, checkpoint_every=2)
     rows = preferences(10)
@@ -228,6 +228,8 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_pa
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert_no_pickles(tmp_path / "straight")
+    assert_no_pickles(tmp_path / "resumed")
 
 
 def test_lora_reward_model_trains_the_head_and_saves_merged(tiny_model_dir: Path, tmp_path: Path) -> None:

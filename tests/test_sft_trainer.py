@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers.interrupt import InterruptAt
+from helpers.pickles import assert_no_pickles
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -232,7 +233,6 @@ def test_one_by_eight_equals_eight_by_one_gradient_accumulation(tiny_model_dir: 
     assert results["a"].metrics["sft/loss"] == pytest.approx(results["b"].metrics["sft/loss"], abs=1e-6)
 
 
-
 def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Given a run killed after step 5 (checkpoints every 2, LoRA off, warm-up + decay so the scheduler state
     matters), when `train_sft` is called again on the same dir, then it resumes from step 4 and ends with the
@@ -248,6 +248,8 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_model_dir: Path, tmp_pa
     assert resumed.resumed_from_step == 4
     assert_same_weights(straight.model_dir, resumed.model_dir)
     assert resumed.metrics["sft/eval_loss"] == pytest.approx(straight.metrics["sft/eval_loss"], abs=1e-6)
+    assert_no_pickles(tmp_path / "straight")
+    assert_no_pickles(tmp_path / "resumed")
 
 
 SLOW_RUN = """

@@ -3,7 +3,9 @@ reference, the atomic final save and the meters."""
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -152,7 +154,7 @@ def test_checkpoint_restores_weights_optimizer_scheduler_rng_and_position(tmp_pa
     _sgd_step(session, x)
     session.state.position = DataPosition(epoch=1, index=3)
     session.state.extra["kl_coef"] = 0.05
-    path = save_checkpoint(session.accelerator, tmp_path, session.state, keep=2)
+    path = save_checkpoint(session, keep=2)
     assert path == checkpoint_dir(tmp_path, 2) and latest_checkpoint(tmp_path) == path
     expected_next = _sgd_step(session, x)
     expected_weight = session.unwrapped.weight.detach().clone()
@@ -174,14 +176,76 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
     session, _ = _linear_session(tmp_path)
     for step in (1, 2, 3):
         session.state.step = step
-        save_checkpoint(session.accelerator, tmp_path, session.state, keep=2)
+        save_checkpoint(session, keep=2)
     crashed = tmp_path / "checkpoints" / ".tmp-step-4"
     crashed.mkdir()
+    without_manifest = tmp_path / "checkpoints" / "step-5"  # e.g. the format before manifests
+    without_manifest.mkdir()
+    (without_manifest / "trainer_state.json").write_text(session.state.to_json())
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == [".tmp-step-4", "step-2", "step-3"]
+    assert names == [".tmp-step-4", "step-2", "step-3", "step-5"]
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 3)
-    assert load_checkpoint(session.accelerator, checkpoint_dir(tmp_path, 3)).step == 3
+    assert load_checkpoint(session, checkpoint_dir(tmp_path, 3)).step == 3
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_resume_reads_no_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a checkpoint, then it holds no pickle file, and resuming from it never unpickles anything (a
+    replaced pickle in a checkpoint would run code on resume)."""
+    session, _ = _linear_session(tmp_path, warmup_steps=5)
+    _sgd_step(session, torch.ones(1, 3))
+    path = save_checkpoint(session, keep=2)
+    assert not [p.name for p in path.iterdir() if p.suffix in (".pkl", ".pt", ".bin", ".pth")]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a checkpoint was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    resumed, _ = _linear_session(tmp_path, warmup_steps=5)
+    assert resumed.resumed_from_step == 1
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given checkpoints at steps 1 and 2 whose newest lost half of `model.safetensors` (a crash or a full
+    disk), when a session starts, then it warns and resumes from step 1 with step 1's weights."""
+    session, _ = _linear_session(tmp_path)
+    _sgd_step(session, torch.ones(1, 3))
+    save_checkpoint(session, keep=2)
+    weight_at_1 = session.unwrapped.weight.detach().clone()
+    _sgd_step(session, torch.ones(1, 3))
+    newest = save_checkpoint(session, keep=2)
+    _truncate(newest / "model.safetensors")
+
+    with caplog.at_level(logging.WARNING):
+        resumed, _ = _linear_session(tmp_path)
+    assert resumed.resumed_from_step == 1
+    assert torch.equal(resumed.unwrapped.weight, weight_at_1)
+    assert "step-2" in caplog.text and "model.safetensors" in caplog.text
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
+
+
+def test_a_corrupted_checkpoint_is_caught_by_its_hash_on_resume(tmp_path: Path) -> None:
+    """A flipped byte keeps the size: the quick check (sizes) takes the checkpoint, the resume check (sha256)
+    rejects it and falls back."""
+    session, _ = _linear_session(tmp_path)
+    for _ in range(2):
+        _sgd_step(session, torch.ones(1, 3))
+        newest = save_checkpoint(session, keep=2)
+    target = newest / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert latest_checkpoint(tmp_path) == newest
+    assert latest_checkpoint(tmp_path, verify_hashes=True) == checkpoint_dir(tmp_path, 1)
+    assert _linear_session(tmp_path)[0].resumed_from_step == 1
 
 
 def test_non_finite_gradient_raises_before_the_update(tmp_path: Path) -> None:
@@ -189,7 +253,7 @@ def test_non_finite_gradient_raises_before_the_update(tmp_path: Path) -> None:
     and the weights are untouched."""
     session, _ = _linear_session(tmp_path, checkpoint_every=1)
     _sgd_step(session, torch.ones(1, 3))
-    good = save_checkpoint(session.accelerator, tmp_path, session.state, keep=2)
+    good = save_checkpoint(session, keep=2)
     before = session.unwrapped.weight.detach().clone()
     session.accelerator.backward(session.model(torch.full((1, 3), math.nan)).sum())
     with pytest.raises(NonFiniteLossError) as error:

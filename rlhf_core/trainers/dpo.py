@@ -7,8 +7,8 @@ with ℓ from `rlhf_core.losses.dpo_loss` (sigmoid / ipo / hinge, optional label
 sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
 
 1. Reference log-probs are computed once, before training, in one pass over the train and eval pairs, and
-   cached in `output_dir/reference_logprobs.pt` (atomically written). A resumed run loads the cache instead of
-   recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
+   cached in `output_dir/reference_logprobs.safetensors` (atomically written, the fingerprint in its header).
+   A resumed run loads the cache instead of recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
    are deterministic either way). With LoRA the reference is the policy with adapters disabled; without LoRA a
    frozen copy of the SFT model is loaded for that pass and freed before training.
 2. Each step, chosen and rejected responses of a micro-batch go through the policy in ONE forward pass
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors import safe_open
+from safetensors.torch import save
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_core.atomic import atomic_write_bytes
 from rlhf_core.callbacks import MetricLogger
 from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.logprobs import sequence_logprobs
@@ -53,7 +55,7 @@ from rlhf_core.trainers.common import (
     start_session,
 )
 
-REFERENCE_CACHE = "reference_logprobs.pt"
+REFERENCE_CACHE = "reference_logprobs.safetensors"
 
 
 @dataclass(frozen=True)
@@ -170,10 +172,13 @@ def compute_reference_logps(
 
 
 def _load_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
+    """The cached log-probs if `path` holds them for `fingerprint` (the fingerprint is in the header)."""
     if not path.is_file():
         return None
-    cache = torch.load(path, map_location="cpu", weights_only=True)
-    return cache["logps"] if cache.get("fingerprint") == fingerprint else None
+    with safe_open(path, framework="pt") as cache:
+        if (cache.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+        return cache.get_tensor("logps")
 
 
 def reference_logps(
@@ -205,10 +210,7 @@ def reference_logps(
         )
     del frozen
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".tmp-{cache_path.name}")
-        torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-        os.replace(tmp, cache_path)
+        atomic_write_bytes(cache_path, save({"logps": logps}, metadata={"fingerprint": fingerprint}))
     accelerator.wait_for_everyone()
     return logps
 

@@ -36,7 +36,6 @@ resumed run follows the same trajectory as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 import warnings
@@ -51,6 +50,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_core.atomic import atomic_replace_dir
 from rlhf_core.callbacks import MetricLogger
 from rlhf_core.experience import (
     Experience,
@@ -541,12 +541,7 @@ def save_policy(accelerator: Accelerator, model: nn.Module, tokenizer: PreTraine
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        old = final.with_name(f".old-{MODEL_DIRNAME}")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic_replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
