@@ -345,9 +345,8 @@ def _pm(metrics: Mapping[str, float], name: str) -> str:
 def results_table(per_model: Mapping[str, Mapping[str, float]], baseline: str | None = None) -> str:
     """The evaluation as a plain-text table: one row per model — gold score ± s.e., RM score ± s.e., win rates
     against the baseline (gold, RM; a tie counts ½), KL to the reference (nats per response), mean length in
-    tokens, no-EOS share."""
-    header = ("model", "gold score", "RM score", f"gold win vs {baseline or 'baseline'}", "RM win", "KL", "length",
-              "no-EOS")
+    tokens, no-EOS share; a last line says what the columns are."""
+    header = ("model", "gold ± s.e.", "RM ± s.e.", "win gold", "win RM", "KL", "length", "no-EOS")
     rows = [header]
     for name, m in per_model.items():
         rows.append((name, _pm(m, "eval/gold_score"), _pm(m, "eval/rm_score"),
@@ -360,4 +359,6 @@ def results_table(per_model: Mapping[str, Mapping[str, float]], baseline: str | 
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"win: share of prompts where the model's response beats {baseline or 'the baseline'}'s (tie ½); "
+                 "KL: nats per response to the reference; length: tokens")
     return "\n".join(lines)

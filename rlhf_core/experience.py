@@ -75,7 +75,7 @@ class ExperienceConfig:
 
     def sampling(self, seed: int | None) -> SamplingConfig:
         """The rollout sampler: pure temperature sampling, no top-k/top-p (their truncated distribution is not
-        the policy the loss differentiates, PITFALLS 1)."""
+        the policy the loss differentiates, docs/pitfalls.md §1)."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
 
 
@@ -186,7 +186,7 @@ def shape_scores(
         1. normalise   "std": s / σ;  "mean_std": (s − μ) / σ   (μ, σ: running moments, updated with this batch
                        first, so the very first batch is normalised by its own statistics)
         2. clip        clamp(s, −c, c)
-        3. no EOS      s := missing_eos_score for every response that never ended (PITFALLS 5); after the
+        3. no EOS      s := missing_eos_score for every response that never ended (docs/pitfalls.md §5); after the
                        normalisation, so the penalty is on the scale the policy sees
     """
     scores = rm_scores.float()
@@ -254,7 +254,7 @@ def make_experience(
     (`rewards.RewardScorer`: RM and/or reward functions; a bare reward model means 1 · RM); `kl_coef` the β of
     this iteration; `seed` seeds the sampler (None: the global torch RNG).
     """
-    # 1. sample: the old log-probs are the sampler's own (PITFALLS 1)
+    # 1. sample: the old log-probs are the sampler's own (docs/pitfalls.md §1)
     rollout = generate(actor, tokenizer, prompts, config.sampling(seed), max_prompt_len=config.max_prompt_len)
     response_mask = rollout.response_mask
     # 2. forward passes of the critic and the reference on the sampled tokens
@@ -289,7 +289,7 @@ def make_experience(
 
 def distinct_n(sequences: Sequence[Sequence[Any]], n: int) -> float:
     """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over a set of token sequences (0 when there
-    are none). Low values mean the responses repeat themselves or each other (mode collapse, PITFALLS 3)."""
+    are none). Low values mean the responses repeat themselves or each other (mode collapse, docs/pitfalls.md §3)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]

@@ -6,7 +6,7 @@ the token at each step is drawn from exactly
 
     p(· | s_t) = softmax(filter(logits_t / temperature))            (top-k, then top-p; filtered tokens get -inf)
 
-and `logprobs[:, t] = log p(a_t | s_t)` of that same distribution (PITFALLS 1). With temperature 1 and no
+and `logprobs[:, t] = log p(a_t | s_t)` of that same distribution (docs/pitfalls.md §1). With temperature 1 and no
 filtering this is the policy itself, so rollout log-probs equal a fresh forward pass (`logprobs.response_forward`).
 
 Layout (that of `logprobs.response_forward`): prompts left-padded `[batch, P]`; responses right-padded `[batch, T]`

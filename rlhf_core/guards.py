@@ -22,15 +22,15 @@ def reward_signal_problem(rollouts: Sequence[Mapping[str, float]], missing_eos_s
                           max_new_tokens: int) -> str | None:
     """Why the rollouts (`experience_metrics` of the first iterations) carry no reward signal, or None.
 
-    Dead when EVERY given iteration has (near) zero variance of the shaped scores, or ≥ 90% of its responses
-    without EOS (with the no-EOS penalty on, their scores are one constant)."""
+    Dead when EVERY given iteration has (near) zero variance of the shaped scores, or — with the no-EOS penalty
+    on — ≥ 90% of its responses without EOS (their scores are then one constant). Without the penalty, unfinished
+    responses keep their own scores (a task may not use EOS at all), so only the variance counts."""
     if not rollouts:
         return None
     no_eos = [r["no_eos_fraction"] for r in rollouts]
-    if all(x >= NO_EOS_LIMIT for x in no_eos):
+    if missing_eos_score is not None and all(x >= NO_EOS_LIMIT for x in no_eos):
         penalty = (f"missing_eos_score={missing_eos_score} replaced their scores by one constant, so the reward "
-                   "carries no information" if missing_eos_score is not None else
-                   "the scores are of unfinished answers")
+                   "carries almost no information")
         return (f"{min(no_eos):.0%}–{max(no_eos):.0%} of the responses in the first {len(rollouts)} iterations never "
                 f"emitted the end-of-turn token within max_new_tokens={max_new_tokens}: {penalty}. Fix: let "
                 "max_new_tokens cover the answers (`auto` in the pipeline), and train SFT on untruncated targets "

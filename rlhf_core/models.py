@@ -13,7 +13,7 @@ On disk a policy is a plain Hugging Face causal-LM directory (safetensors) plus 
 
 The reward model is an `AutoModelForSequenceClassification` with one label. `score_sequences` picks the score of
 the last real token itself, from the attention mask, because HF's pooling searches for the last token that is not
-`pad_token_id` and so skips a real EOS whenever pad == EOS (PITFALLS 4).
+`pad_token_id` and so skips a real EOS whenever pad == EOS (docs/pitfalls.md §4).
 
 All loads use safetensors only and `trust_remote_code=False` unless the caller opts in.
 """
@@ -54,7 +54,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (modules and config), in place; returns the model.
 
-    RLHF compares log-probs of the same tokens across passes; dropout would make that ratio noise (PITFALLS 6).
+    RLHF compares log-probs of the same tokens across passes; dropout would make that ratio noise (docs/pitfalls.md §6).
     Attention dropout is a float attribute of the attention modules in HF models, not an `nn.Dropout`.
     """
     configs = {}

@@ -11,7 +11,7 @@ Rendering:
 - response: the assistant content followed by the end-of-turn text (the token that closes an assistant turn in
   the chat template, else `eos_token`). The model learns to stop because the end-of-turn token is a target.
 
-Tokenisation boundary (PITFALLS 7): prompt and response are tokenised *separately* and concatenated, so the
+Tokenisation boundary (docs/pitfalls.md §7): prompt and response are tokenised *separately* and concatenated, so the
 prompt length that defines `response_mask` is exact and identical in SFT, RM, DPO and PPO. Templates carry their
 own BOS, so a templated prompt is encoded with `add_special_tokens=False`; the response always is.
 
@@ -20,7 +20,7 @@ response keeps its *first* `max_response_len` tokens. A truncated response does 
 not end, and teaching the model to stop mid-sentence (or scoring it as finished) would be wrong.
 `EncodedPair.response_truncated` says so, for the callers that count or penalise unfinished responses.
 
-Padding (PITFALLS 4): generation left-pads prompts; training right-pads whole sequences. Masks come from lengths,
+Padding (docs/pitfalls.md §4): generation left-pads prompts; training right-pads whole sequences. Masks come from lengths,
 never from `ids != pad_id`, so when pad == EOS the real EOS stays in `response_mask`.
 """
 

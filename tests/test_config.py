@@ -181,3 +181,20 @@ def test_reference_config_is_rendered_from_the_docstrings() -> None:
     shipped = (REPO / "configs" / "reference.yaml").read_text()
     assert shipped == render_reference_config(), \
         "a config docstring changed: python -m flows.config --reference > configs/reference.yaml"
+
+
+def test_ppo_runs_the_guides_recipe_only_when_the_config_has_a_collect_section(tmp_path: Path) -> None:
+    # Without a `collect:` section PPO's reward model trains on datasets.preferences: no task's judge is a default.
+    plain = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo"}))
+    assert "collect" not in plain.active_stages()
+    # With one, the RM learns on rankings of the SFT model's own samples (docs/pitfalls.md §12).
+    recipe = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo", "seed": 4,
+                                           "collect": {"judge": "gold"}}))
+    assert recipe.active_stages() == ["validate", "sft", "collect", "reward_model", "ppo", "evaluate"]
+    assert recipe.collect.seed == 4 and recipe.collect.sampling.max_new_tokens == "auto"
+    # DPO keeps its path; PPO on reward functions alone needs no reward model at all.
+    assert "collect" not in load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "collect": {}})).active_stages()
+    rules = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo",
+                                          "evaluation": {"reward_model": False},
+                                          "ppo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}}}))
+    assert rules.active_stages() == ["validate", "sft", "ppo", "evaluate"]

@@ -214,6 +214,7 @@ def quick_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
         *(f"datasets.{name}.limit={n}" for name, n in
           (("demonstrations", 24), ("preferences", 24), ("prompts_train", 8), ("prompts_eval", 4))),
         "datasets.eval_fraction=0.25",
+        "lengths.allow_truncation=true",  # short sequences on purpose: seconds per stage
         *(f"{stage}.{key}={value}" for stage in ("sft", "reward_model", "dpo") for key, value in small.items()),
         *(f"{stage}.max_steps=2" for stage in ("sft", "reward_model", "dpo")),
         "evaluation.num_prompts=4",

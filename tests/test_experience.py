@@ -120,7 +120,7 @@ def test_rollout_logprobs_are_the_policys_own_and_kl_starts_at_zero(reference, r
     exp = make_experience(policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config,
                           kl_coef=0.1, seed=1)
     valid = exp.response_mask.bool()
-    # Then the sampler's log-probs equal a fresh forward pass at the same temperature (PITFALLS 1) ...
+    # Then the sampler's log-probs equal a fresh forward pass at the same temperature (docs/pitfalls.md §1) ...
     fresh = _forward(policy, exp, temperature).logprobs
     torch.testing.assert_close(exp.old_logprobs[valid], fresh[valid], atol=1e-5, rtol=0)
     # ... so the KL to the reference is 0 on every response, and the rewards are the scores alone

@@ -102,6 +102,8 @@ def test_dead_signal_guard() -> None:
     problem = reward_signal_problem(cut, -1.0, 48)
     assert problem is not None and "95%–98%" in problem and "max_new_tokens=48" in problem
     assert "missing_eos_score=-1.0" in problem
+    # Without the penalty unfinished answers keep their own scores: not dead (a task may not use EOS at all).
+    assert reward_signal_problem(cut, None, 48) is None
     flat = [_rollout(0.0, 0.3, 0.0), _rollout(0.1, 0.3, 1e-9)]
     assert "same score" in reward_signal_problem(flat, -1.0, 48)
     # One iteration with signal is enough: the run can learn.

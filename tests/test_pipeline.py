@@ -95,8 +95,13 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Proje
         "reward_model": {**TINY, "max_steps": 3},
         "dpo": {**TINY, "max_steps": 2},
         "ppo": {"batch_size": 4, "rollout_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8, "max_steps": 12,
-                "checkpoint_every": 1, "progress_bar": False, "max_prompt_len": 48, "weak_reward_model": "warn"},
+                "checkpoint_every": 1, "progress_bar": False, "max_prompt_len": 48, "weak_reward_model": "warn",
+                # 8 new tokens end no reply of this task: the rollouts carry no signal, which is fine for a test of
+                # orchestration (the guard itself: tests/test_learning_direction.py).
+                "dead_signal": "warn"},
         "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4},
+        # Short sequences on purpose (seconds per stage): the truncation guard would stop them.
+        "lengths": {"allow_truncation": True},
         "tracking": {"experiment_name": "rlhf-test"},
         # Pinned: other people's edits of the working tree during the test must not invalidate the cache. The
         # default (package version + source hash) is covered by tests/test_caching.py.

@@ -60,8 +60,10 @@ def _one_thread():
 
 
 def _config(**overrides) -> PPOConfig:
+    # No value warm-up: these tests look at the policy from the first iteration (warm-up has its own test).
     small = dict(max_steps=2, batch_size=4, rollout_batch_size=8, ppo_epochs=1, max_new_tokens=RESPONSE_LEN,
-                 missing_eos_score=None, learning_rate=4e-3, kl_coef=0.2, progress_bar=False)
+                 missing_eos_score=None, learning_rate=4e-3, kl_coef=0.2, progress_bar=False,
+                 value_warmup_iterations=0)
     return PPOConfig(**{**small, **overrides})
 
 
@@ -156,7 +158,7 @@ def test_ppo_raises_the_rm_score_with_bounded_kl_and_frozen_models(tiny_model_di
     # Then every iteration reports the stable metric names
     records = [m for _, m in logger.records if "ppo/score_mean" in m]
     assert len(records) == 8 and all(f"ppo/{name}" in m for m in records for name in METRICS)
-    # the first iteration's policy is the reference: KL exactly 0 up to float error (PITFALLS 1)
+    # the first iteration's policy is the reference: KL exactly 0 up to float error (docs/pitfalls.md §1)
     kl = logger.series("ppo/kl")
     assert abs(kl[0]) < 1e-5
     # the RM score climbs over iterations, with KL below that of collapsing onto S
@@ -262,7 +264,7 @@ def test_a_forced_nan_stops_cleanly_keeping_the_last_good_checkpoint(tiny_model_
 
 def test_refuses_a_reward_model_at_chance(tiny_model_dir, reward_model, tiny_tokenizer, tmp_path):
     rm_path, _ = reward_model
-    # Given a held-out accuracy at chance, PPO refuses to start (PITFALLS 2) ...
+    # Given a held-out accuracy at chance, PPO refuses to start (docs/pitfalls.md §2) ...
     with pytest.raises(ValueError, match="at chance"):
         train_ppo(_config(), tiny_model_dir, rm_path, ROWS, tmp_path / "a", reward_model_eval_accuracy=0.5)
     # ... also when it measures the accuracy itself: identical responses tie, and a tie is not a win

@@ -88,7 +88,7 @@ class LoRAConfig:
     alpha: int = 16
     """Scale: ΔW is multiplied by alpha / r."""
     dropout: float = 0.0
-    """Dropout on the adapter input; 0 keeps policy log-probs deterministic (see PITFALLS: dropout)."""
+    """Dropout on the adapter input; 0 keeps policy log-probs deterministic (docs/pitfalls.md §6)."""
     target_modules: tuple[str, ...] = (
         "q_proj",
         "k_proj",

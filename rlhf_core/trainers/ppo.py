@@ -20,7 +20,7 @@ Models. The actor-critic is one module whose forward returns `(logits, values)`:
 - `critic="separate"`: `PolicyAndCritic`, the policy plus a critic initialised from the reward model (its
   score head read at every position gives V(s_t)).
 The reward model and the reference are frozen; with LoRA the reference is the policy with adapters disabled.
-Dropout is off in every model (PITFALLS 6).
+Dropout is off in every model (docs/pitfalls.md §6).
 
 Batch sizes. `rollout_batch_size` prompts per iteration (over all processes); one optimizer update consumes a
 minibatch of `batch_size × grad_accum_steps × num_processes` rollouts (each process its share, `batch_size` per
@@ -122,10 +122,11 @@ class PPOConfig(TrainerConfig):
     """Passes over each rollout batch."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate: the ratio π/π_old is clipped to [1 − ε, 1 + ε]."""
-    vf_coef: float = 0.1
+    vf_coef: float = 0.5
     """c1: weight of the value loss in the total loss."""
-    value_clip_range: float | None = 0.2
-    """Clip V − V_old to ±this in the value loss (None: plain squared error)."""
+    value_clip_range: float | None = None
+    """Clip V − V_old to ±this in the value loss (None: plain squared error). Off by default: on the raw score
+    scale it caps how far the critic moves per iteration, and a fresh value head has far to go."""
     ent_coef: float = 0.0
     """c2: weight of the entropy bonus."""
     whiten_advantages: bool = True
@@ -158,9 +159,10 @@ class PPOConfig(TrainerConfig):
     critic: CriticKind = "shared"
     """"shared": value head on the policy body; "separate": a critic initialised from the reward model."""
     value_learning_rate: float | None = None
-    """Peak learning rate of the critic-only parameters (the value head, or the separate critic); None: the
-    policy's `learning_rate`."""
-    value_warmup_iterations: int = 0
+    """Peak learning rate of the critic-only parameters (the value head, or the separate critic); None: 20 × the
+    policy's `learning_rate`. A fresh value head starts from nothing while the policy should barely move: at the
+    policy's rate it cannot follow the returns within a run (docs/pitfalls.md, "A critic that never learns")."""
+    value_warmup_iterations: int = 2
     """First iterations that update only the critic (value head, or the separate critic); the policy waits."""
     reward_model_weight: float = 1.0
     """Weight of the reward model's score in the reward (0: no reward model; then `reward_functions` alone)."""
@@ -173,7 +175,7 @@ class PPOConfig(TrainerConfig):
     dead_signal_iterations: int = 2
     """How many first iterations the dead-signal check looks at (0: no check)."""
     min_reward_model_accuracy: float = 0.55
-    """Held-out pairwise accuracy below which the reward model counts as at chance (PITFALLS 2)."""
+    """Held-out pairwise accuracy below which the reward model counts as at chance (docs/pitfalls.md §2)."""
     weak_reward_model: Literal["raise", "warn"] = "raise"
     """What to do with a reward model below `min_reward_model_accuracy`: refuse to start, or warn."""
 
@@ -304,7 +306,7 @@ def make_kl_controller(config: PPOConfig) -> KLController:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The reward-model guard (PITFALLS 2)
+# The reward-model guard (docs/pitfalls.md §2)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -449,7 +451,7 @@ def ppo_update(
     session: Session, experience: Experience, config: PPOConfig, seed: int, critic_only: bool
 ) -> dict[str, float]:
     """The inner loop: `ppo_epochs` passes over the experience in shuffled minibatches. Advantages are whitened
-    once over the whole rollout (PITFALLS 10). Returns the diagnostics averaged over all updates."""
+    once over the whole rollout (docs/pitfalls.md §10). Returns the diagnostics averaged over all updates."""
     if config.whiten_advantages:
         experience = replace(experience, advantages=whiten(experience.advantages, experience.response_mask))
     rows_per_update = config.batch_size * config.grad_accum_steps
@@ -623,7 +625,7 @@ def run_ppo(
 ) -> TrainResult:
     """PPO on loaded `models` (see `load_ppo_models`); resumes from the newest checkpoint in `output_dir`.
 
-    The RM is checked first (PITFALLS 2): `reward_model_eval_accuracy`, else its accuracy on
+    The RM is checked first (docs/pitfalls.md §2): `reward_model_eval_accuracy`, else its accuracy on
     `reward_model_eval_pairs` (`{"prompt", "chosen", "rejected"}`), must reach `min_reward_model_accuracy`.
     Metrics per iteration (`ppo/`): score_mean, kl, kl_coef, entropy, clip_fraction, approx_kl, policy_loss,
     value_loss, value_clip_fraction, explained_variance, response_length, no_eos_fraction, distinct_2,
@@ -647,8 +649,7 @@ def run_ppo(
     if reference is not None:
         reference.to(device)
     kl_controller, moments = make_kl_controller(config), RunningMoments()
-    own_rates = [(critic_parameters(models.actor_critic), config.value_learning_rate)] \
-        if config.value_learning_rate is not None else []
+    own_rates = [(critic_parameters(models.actor_critic), config.value_learning_rate or 20 * config.learning_rate)]
     session = start_session(config, accelerator, models.actor_critic.to(device), output_dir, logger,
                             own_rates=own_rates)
     state = session.state
