@@ -49,7 +49,9 @@ def config_path(tmp_path: Path) -> Path:
             "prompts_train": {"path": str(DATA / "prompts_train.jsonl"), "limit": 4},
             "prompts_eval": {"path": str(DATA / "prompts_eval.jsonl"), "limit": 4},
         },
-        "tracking": {"experiment_name": "parent-runs"},
+        # Explicit: an MLFLOW_TRACKING_URI left in the environment by an earlier test must not send the
+        # subprocess's runs elsewhere.
+        "tracking": {"experiment_name": "parent-runs", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -104,6 +104,7 @@ def encode_preferences(
 ) -> list[PreferencePair]:
     """`{"prompt", "chosen", "rejected"}` rows → tokenised pairs (the prompt encoded identically twice)."""
 
+    config = resolve_from_rows(config, tokenizer, rows)  # "auto" limits: from these rows
     def encode(row: dict, response: object) -> EncodedPair:
         return encode_prompt_response(
             tokenizer, row["prompt"], response, config.max_prompt_len, config.max_response_len

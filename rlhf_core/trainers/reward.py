@@ -88,6 +88,7 @@ def encode_comparisons(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], config: RewardConfig
 ) -> list[Comparison]:
     """Preference or ranking rows → `Comparison`s (a ranking `[best, ..., worst]` gives all i < j pairs)."""
+    config = resolve_from_rows(config, tokenizer, rows)  # "auto" limits: from these rows
     out = []
     for row in rows:
         if "responses" in row:

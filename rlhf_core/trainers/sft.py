@@ -77,6 +77,7 @@ def encode_demonstrations(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], config: SFTConfig
 ) -> list[EncodedPair]:
     """Each `{"prompt", "response"}` row as separately tokenised prompt and response ids."""
+    config = resolve_from_rows(config, tokenizer, rows)  # "auto" limits: from these rows
     return [
         encode_prompt_response(
             tokenizer, row["prompt"], row["response"], config.max_prompt_len, config.max_response_len
