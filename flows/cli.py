@@ -347,6 +347,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server migrates a fresh database first: on a busy 2-core machine that overruns Prefect's 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ["RLHF_CLI_PRINTS_RESULTS"] = "1"  # the flow leaves the result table to us
     _quiet_library_chatter()
     pairs = list(overrides or [])
     if tracking_uri:

@@ -15,6 +15,7 @@ is trained anyway when evaluation scores with it (`evaluation.reward_model`, the
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -38,6 +39,7 @@ from tasks.validate import validate_task
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 CANDIDATE, CHAMPION = "candidate", "champion"
+CLI_PRINTS_RESULTS = "RLHF_CLI_PRINTS_RESULTS"
 
 
 class RegisteredPolicy(BaseModel):
@@ -239,7 +241,7 @@ def rlhf_pipeline(config_path: str, overrides: list[str] | None = None) -> Pipel
     print(f"pipeline {config.name!r} done: executed {result.executed() or 'nothing (all cached)'}; "
           f"MLflow: {result.mlflow_run_url}")
     table = result.results_table()
-    if table:
+    if table and not os.environ.get(CLI_PRINTS_RESULTS):  # `rlhf run` prints it itself, once, after the run
         print(f"evaluation on {config.evaluation.num_prompts or 'all'} held-out prompts:\n{table}")
     return result
 

@@ -18,6 +18,7 @@ tokens are `[B, T]` with `response_mask` 1 on real response tokens (the EOS that
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -246,23 +247,29 @@ def make_experience(
     kl_coef: float,
     moments: RunningMoments | None = None,
     seed: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Experience:
     """Collect one batch of experience (steps 1–5 of the module docstring) from `prompts`.
 
     `model` is the actor-critic (forward → `(logits, values)`); `actor` the causal LM inside it that samples;
     `reference` the frozen π_ref (None: `actor` is a LoRA model, π_ref = adapters disabled); `scorer` the reward
     (`rewards.RewardScorer`: RM and/or reward functions; a bare reward model means 1 · RM); `kl_coef` the β of
-    this iteration; `seed` seeds the sampler (None: the global torch RNG).
+    this iteration; `seed` seeds the sampler (None: the global torch RNG); `timings`, when given, receives the
+    seconds spent sampling (`generation_s`) and in the critic, reference and reward forwards (`scoring_s`).
     """
+    started = time.perf_counter()
     # 1. sample: the old log-probs are the sampler's own (docs/pitfalls.md §1)
     rollout = generate(actor, tokenizer, prompts, config.sampling(seed), max_prompt_len=config.max_prompt_len)
     response_mask = rollout.response_mask
+    sampled = time.perf_counter()
     # 2. forward passes of the critic and the reference on the sampled tokens
     old_values = critic_values(model, rollout, config.temperature)
     ref_logprobs = reference_logprobs(actor, reference, rollout, config.temperature)
     # 3. score and shape
     rm_scores = as_scorer(scorer)(prompts, rollout)
     scores = shape_scores(rm_scores, rollout.ended_with_eos, config, moments)
+    if timings is not None:
+        timings.update(generation_s=sampled - started, scoring_s=time.perf_counter() - sampled)
     # 4. per-token rewards with the KL penalty
     rewards, kl = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, response_mask, kl_coef,
                                        config.kl_estimator)

@@ -46,7 +46,8 @@ PROMPTS = ["Where is my order?", "Reset my password", "I was charged twice", "Hi
 ROWS = [{"prompt": p} for p in PROMPTS]
 METRICS = ["score_mean", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss", "value_loss",
            "value_clip_fraction", "explained_variance", "response_length", "no_eos_fraction", "distinct_2",
-           "reward_mean", "tokens_per_sec", "episodes_per_sec", "peak_memory_mb"]
+           "reward_mean", "tokens_per_sec", "episodes_per_sec", "peak_memory_mb", "shaped_score_std",
+           "no_eos_penalized_fraction", "time_generation_s", "time_scoring_s", "time_update_s"]
 
 
 @pytest.fixture(scope="module", autouse=True)

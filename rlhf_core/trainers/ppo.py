@@ -630,7 +630,9 @@ def run_ppo(
     Metrics per iteration (`ppo/`): score_mean, kl, kl_coef, entropy, clip_fraction, approx_kl, policy_loss,
     value_loss, value_clip_fraction, explained_variance, response_length, no_eos_fraction, distinct_2,
     reward_mean, tokens_per_sec, episodes_per_sec, peak_memory_mb (+ score_std, shaped_score_mean, value_mean,
-    return_mean, ratio_mean, loss, grad_norm, learning_rate, critic_warmup); `ppo/eval_*` on `eval_prompt_rows`.
+    return_mean, ratio_mean, loss, grad_norm, learning_rate, critic_warmup, shaped_score_std,
+    no_eos_penalized_fraction; seconds of the iteration split into time_generation_s, time_scoring_s (critic,
+    reference and reward forwards) and time_update_s); `ppo/eval_*` on `eval_prompt_rows`.
     `kl` is the mean over responses of Σ_t KL_t (the penalty's estimator); `tokens_per_sec` counts sampled
     response tokens per second of the whole iteration (rollout and update). Returns the final policy in
     `output_dir/model` (loads with `AutoModelForCausalLM.from_pretrained`).
@@ -664,14 +666,14 @@ def run_ppo(
     bar = progress_bar(config.max_steps, state.step, "ppo", config.progress_bar and accelerator.is_main_process)
     last: dict[str, float] = {}
     while state.step < config.max_steps:
-        iteration, started = state.step, time.perf_counter()
+        iteration, started, timings = state.step, time.perf_counter(), {}
         kl_coef = kl_controller.value
         # 1. Outer loop: rollout → score → KL-penalised rewards → GAE, with the current policy.
         indices, state.position = sampler.take(state.position, config.rollout_batch_size)
         batch_prompts = [prompts[i] for i in indices[rank :: accelerator.num_processes]]
         experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, reference,
                                      scorer, tokenizer, batch_prompts, xcfg, kl_coef, moments,
-                                     seed=iteration_seed(config.seed, iteration, rank, 0))
+                                     seed=iteration_seed(config.seed, iteration, rank, 0), timings=timings)
         rollout = mean_over_processes(accelerator, experience_metrics(experience))
         rollout["no_eos_penalized_fraction"] = rollout["no_eos_fraction"] if config.missing_eos_score is not None \
             else 0.0
@@ -680,8 +682,10 @@ def run_ppo(
             check_signal(config, state, rollout, iteration)
         # 2. Inner loop: ppo_epochs × minibatches of clipped updates (the critic alone during warm-up).
         critic_only = iteration < config.value_warmup_iterations
+        update_started = time.perf_counter()
         update = ppo_update(session, experience, config, iteration_seed(config.seed, iteration, rank, 1),
                             critic_only)
+        timings["update_s"] = time.perf_counter() - update_started
         # 3. Adapt β to the measured KL, advance the learning-rate schedule, count the iteration.
         kl_controller.update(rollout["kl"], n_steps=config.rollout_batch_size)
         learning_rate = session.scheduler.get_last_lr()[0]
@@ -697,6 +701,7 @@ def run_ppo(
             "ppo/kl_coef": kl_coef, "ppo/learning_rate": learning_rate, "ppo/critic_warmup": float(critic_only),
             "ppo/tokens_per_sec": tokens / elapsed, "ppo/episodes_per_sec": config.rollout_batch_size / elapsed,
             "ppo/peak_memory_mb": peak_memory_mb(device),
+            **{f"ppo/time_{k}": v for k, v in timings.items()},
         })
         bar.update(1)
         bar.set_postfix({"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
