@@ -3,6 +3,10 @@ key changes (and only then); a pointer whose MLflow run is gone is stale; the st
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +17,7 @@ from rlhf_core.trainers.dpo import DPOConfig
 from tasks import caching, tracking
 from tasks.pointers import StagePointer
 
+REPO = Path(__file__).resolve().parents[1]
 SFT = StagePointer(stage="sft", cache_key="k-sft", run_id="r1", model_uri="runs:/r1/model")
 DATA = {"preference_train": "sha256:aa", "preference_eval": "sha256:bb"}
 
@@ -45,6 +50,29 @@ def test_code_version_is_the_package_version_plus_a_hash_of_the_library_sources(
 
     assert version.endswith(f"+src.{tracking.source_hash()}")
     assert len(tracking.source_hash()) == 12
+
+
+def _source_hash_of(tree: Path) -> str:
+    """`tracking.source_hash()` as a fresh interpreter computes it for the sources under `tree`."""
+    code = "from tasks import tracking; print(tracking.source_hash())"
+    return subprocess.run([sys.executable, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_change_to_library_code_changes_the_code_version_and_so_every_cache_key(tmp_path: Path) -> None:
+    # Given a copy of the library sources, hashed by a separate interpreter.
+    for package in ("rlhf_core", "schemas", "tasks"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _source_hash_of(tmp_path)
+    # When one line of a trainer or of the math changes, then the hash (part of every stage's key) changes.
+    for changed in ("rlhf_core/losses.py", "rlhf_core/trainers/dpo.py", "schemas/rules.py", "tasks/runner.py"):
+        path = tmp_path / changed
+        original = path.read_text()
+        path.write_text(original + "\n# a change\n")
+        assert _source_hash_of(tmp_path) != before, changed
+        path.write_text(original)
+    # And an unchanged copy hashes like the original tree: the hash is of the content, not of where it lives.
+    assert _source_hash_of(tmp_path) == before == tracking.source_hash()
 
 
 def test_a_pointer_is_stale_once_its_run_or_model_is_gone(tmp_path: Path) -> None:

@@ -392,3 +392,40 @@ def test_rlhf_ui_stopped_with_sigterm_stops_the_server_and_its_workers(tmp_path:
         for pid in (server, worker):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_rlhf_label_serves_the_page_and_saves_an_answer(tmp_path: Path) -> None:
+    # Given a task file of two items and the real `rlhf label` command in its own process.
+    from rlhf_core.collection import item_id, read_answers_file, write_jsonl_atomic
+
+    items = [{"item_id": item_id(i, f"prompt {i}", ["a", "b"]), "prompt": f"prompt {i}", "model": "m",
+              "responses": [{"id": "r0", "text": "a", "ended_with_eos": True},
+                            {"id": "r1", "text": "b", "ended_with_eos": True}], "sampling": {"seed": 0}}
+             for i in range(2)]
+    task_file = write_jsonl_atomic(items, tmp_path / "tasks.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", str(task_file), "--port", "0",
+                             "--labeler", "ann"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        lines = []
+        while not any("open http" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = next(line for line in lines if "open http" in line).split()[1].split("?")[0]
+        # When a labeler answers the first item through the page's API.
+        import urllib.request
+
+        body = json.dumps({"labeler": "ann", "item_id": items[0]["item_id"], "action": "rank",
+                           "order": ["r1", "r0"], "shown": ["r0", "r1"]}).encode()
+        request = urllib.request.Request(url + "api/answer", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # Then the answer is on disk under the default answers directory, and Ctrl-C ended the server cleanly.
+    assert "Labeling 2 items" in "".join(lines)
+    answers = read_answers_file(tmp_path / "tasks.answers" / "ann.jsonl")
+    assert [(a["item_id"], a["order"]) for a in answers] == [(items[0]["item_id"], ["r1", "r0"])]
+    assert proc.returncode == 0

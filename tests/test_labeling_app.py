@@ -10,7 +10,7 @@ submissions are refused with a message.
   exactly what was clicked, and a partial order sent from the page is refused with the message shown.
 
 The browser test needs Debian's `chromium` + `chromium-driver` and the `selenium` package; it is skipped (with
-the reason) where they are missing.
+the reason) where they are missing, and fails in CI (`CI=true`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.required import skip_unless_ci
 
 from flows.labeling_app import display_order, make_server
 from rlhf_core.collection import (
@@ -410,12 +411,14 @@ class ServerProcess:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    from selenium.webdriver.chrome.service import Service
-
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        skip_unless_ci("selenium (pip install selenium)")
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
-        pytest.skip(f"needs Debian's chromium and chromium-driver ({', '.join(missing)} missing)")
+        skip_unless_ci(f"Debian's chromium and chromium-driver ({', '.join(missing)})")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # with both paths given, selenium-manager never downloads anything
     for flag in CHROME_FLAGS:

@@ -303,7 +303,15 @@ def test_lora_sft_learns_and_saves_a_merged_model(tiny_model_dir: Path, tmp_path
     )
     losses = logger.series("sft/loss")
     assert losses[-1] < losses[0]
-    assert not any("lora" in name for name in _weights(result.model_dir))
+    trained, base = _weights(result.model_dir), _weights(tiny_model_dir)
+    assert not any("lora" in name for name in trained)
+    # LoRA was applied, checked against the base's own file: only the adapted projections moved (merged into
+    # them); embeddings and norms, which no adapter touches, are bit-identical. Full fine-tuning moves them all.
+    untouched = [n for n in base if "embed_tokens" in n or "norm" in n]
+    adapted = [n for n in base if n.endswith("q_proj.weight")]
+    assert untouched and adapted
+    assert all(torch.equal(trained[n], base[n]) for n in untouched)
+    assert all(not torch.equal(trained[n], base[n]) for n in adapted)
 
 
 class PoisonEmbeddingsAfter:
