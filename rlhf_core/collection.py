@@ -66,7 +66,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from rlhf_core.atomic import atomic_open
 from rlhf_core.generation import SamplingConfig, generate
 from rlhf_core.models import disable_dropout, load_reward_model, score_sequences
-from rlhf_core.tokenization import Conversation, collate_right_padded, encode_prompt_response
+from rlhf_core.tokenization import (
+    Conversation,
+    collate_right_padded,
+    default_device,
+    encode_prompt_response,
+    padding_id,
+    prompt_of,
+)
 
 ScoreFn = Callable[[Conversation, str], float]
 ACTIONS = ("rank", "skip", "all_bad")
@@ -147,11 +154,6 @@ def _json(value: Any) -> str:
 def item_id(index: int, prompt: Conversation, texts: Sequence[str]) -> str:
     """`<index:05d>-<sha256(prompt, texts)[:10]>`: position for humans, content hash against mix-ups."""
     return f"{index:05d}-{hashlib.sha256(_json([prompt, list(texts)]).encode()).hexdigest()[:10]}"
-
-
-def prompt_of(row: Conversation | Mapping[str, Any]) -> Conversation:
-    """The prompt of a `{"prompt"}` row (or the prompt itself)."""
-    return row["prompt"] if isinstance(row, Mapping) else row
 
 
 def sample_candidates(
@@ -248,16 +250,10 @@ def create_task_file(
     """
     from rlhf_core.inference import load_policy
 
-    model, tokenizer = load_policy(model_path, device=_device(device))
+    model, tokenizer = load_policy(model_path, device=default_device(device))
     items = sample_candidates(model, tokenizer, prompts, config, str(model_name or model_path))
     write_jsonl_atomic(items, task_file)
     return items
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,11 +285,11 @@ class RewardModelScorer:
 
     def __init__(self, path: str | Path, device: torch.device | str | None = None, batch_size: int = 16,
                  max_prompt_len: int | None = 256, max_response_len: int | None = 256) -> None:
-        self.device = _device(device)
+        self.device = default_device(device)
         self.model = disable_dropout(load_reward_model(path)).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         tok = self.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = padding_id(tok)
         self.batch_size, self.max_prompt_len, self.max_response_len = batch_size, max_prompt_len, max_response_len
 
     @torch.no_grad()

@@ -41,8 +41,11 @@ from rlhf_core.tokenization import (
     Conversation,
     EncodedPair,
     collate_right_padded,
+    default_device,
     encode_prompt,
     end_of_turn_text,
+    padding_id,
+    prompt_of,
 )
 
 GoldFn = Callable[[Conversation, str], float]
@@ -205,7 +208,7 @@ def evaluate_policy(
         rm, rm_tokenizer = reward_model
         rm_tokenizer = rm_tokenizer or tokenizer
         pairs = _pairs_for_scorer(outputs, prompts, tokenizer, rm_tokenizer, max_prompt_len)
-        pad_id = rm_tokenizer.pad_token_id if rm_tokenizer.pad_token_id is not None else rm_tokenizer.eos_token_id
+        pad_id = padding_id(rm_tokenizer)
         rm_scores = reward_scores(rm, pairs, pad_id, batch_size)
     return ModelSamples(
         name=name,
@@ -258,22 +261,12 @@ def samples_table(prompts: Sequence[Conversation], results: Sequence[ModelSample
     return rows
 
 
-def _device(device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _tokenizer_or_none(path: str | Path) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved beside a model, None when the directory has none (the policy's is then used)."""
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
-
-
-def _prompt_of(item: Conversation | Mapping[str, Any]) -> Conversation:
-    return item["prompt"] if isinstance(item, Mapping) else item
 
 
 def evaluate_models(
@@ -301,8 +294,8 @@ def evaluate_models(
     baseline = baseline if baseline is not None else next(iter(models))
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
-    device = _device(device)
-    prompts = [_prompt_of(p) for p in prompts]
+    device = default_device(device)
+    prompts = [prompt_of(p) for p in prompts]
     sampling = replace(sampling_config, seed=seed)
     rm = None
     if reward_model_path is not None:

@@ -33,6 +33,7 @@ from rlhf_core.tokenization import (
     encode_prompt,
     end_of_turn_text,
     left_pad_prompts,
+    padding_id,
     position_ids_from_attention_mask,
 )
 
@@ -192,7 +193,7 @@ def generate(
         raise ValueError("max_new_tokens / max_prompt_len 'auto' must be resolved from the data before sampling "
                          "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set to integers")
     body = model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     device = next(body.parameters()).device
     prompt_ids, prompt_mask = left_pad_prompts([encode_prompt(tokenizer, p, max_prompt_len) for p in prompts], pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)

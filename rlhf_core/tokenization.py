@@ -26,9 +26,9 @@ never from `ids != pad_id`, so when pad == EOS the real EOS stays in `response_m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -46,6 +46,24 @@ class EncodedPair:
     prompt_ids: list[int]
     response_ids: list[int]
     response_truncated: bool = False
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (masks come from lengths, never from ids, so
+    pad == EOS is safe, docs/pitfalls.md §4)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_of(row: Conversation | Mapping[str, Any]) -> Conversation:
+    """The prompt of a `{"prompt"}` row (or the prompt itself)."""
+    return row["prompt"] if isinstance(row, Mapping) else row
+
+
+def default_device(device: torch.device | str | None = None) -> torch.device:
+    """`device` as a `torch.device`; None: the first CUDA device when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _is_messages(x: Conversation) -> bool:

@@ -39,7 +39,7 @@ from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.logprobs import sequence_logprobs
 from rlhf_core.losses import DPOLossType, dpo_loss
 from rlhf_core.models import disable_dropout
-from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response
+from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
 from rlhf_core.trainers.common import (
     Stage,
     TrainerConfig,
@@ -299,7 +299,7 @@ def train_dpo(
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
     config = resolve_from_rows(config, tokenizer, train_rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     model = disable_dropout(
         AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32, use_safetensors=True)
     )

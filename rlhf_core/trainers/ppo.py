@@ -79,6 +79,7 @@ from rlhf_core.rewards import RewardScorer, build_scorer
 from rlhf_core.tokenization import (
     collate_right_padded,
     encode_prompt_response,
+    padding_id,
     position_ids_from_attention_mask,
 )
 from rlhf_core.trainers.common import (
@@ -323,7 +324,7 @@ def reward_model_accuracy(
     if not pairs:
         raise ValueError("need at least one pair to measure reward-model accuracy")
     device = next(reward_model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     correct = 0
     for start in range(0, len(pairs), batch_size):
         rows = list(pairs)[start : start + batch_size]

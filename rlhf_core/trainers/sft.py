@@ -29,7 +29,7 @@ from rlhf_core.callbacks import MetricLogger
 from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.losses import sft_loss
 from rlhf_core.models import disable_dropout
-from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response
+from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
 from rlhf_core.trainers.common import (
     Stage,
     TrainerConfig,
@@ -190,7 +190,7 @@ def _summarize(sums: dict[str, float]) -> dict[str, float]:
 
 def sft_stage(tokenizer: PreTrainedTokenizerBase, config: SFTConfig, device: torch.device) -> Stage:
     """The SFT plug-in of `common.fit`: rows are `EncodedPair`s (see `encode_demonstrations`)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
 
     def collate(pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
         if config.packing:
