@@ -12,7 +12,7 @@ from tasks.caching import file_lock
 from tasks.pointers import StagePointer
 
 if TYPE_CHECKING:
-    from flows.config import PipelineConfig
+    from schemas.config import PipelineConfig
 
 
 def directory_digest(path: Path) -> str:

@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from tasks import caching, tracking
 from tasks.pointers import DataRef, StagePointer
 
-if TYPE_CHECKING:  # tasks/ sits below flows/: the config object is passed in, never imported at run time
-    from flows.config import PipelineConfig
+if TYPE_CHECKING:  # the config object is passed in; its type lives in schemas/, below the tasks
+    from schemas.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

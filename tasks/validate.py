@@ -26,7 +26,7 @@ from tasks.pointers import DataRef, StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 
 if TYPE_CHECKING:
-    from flows.config import DatasetSource
+    from schemas.config import DatasetSource
 
 # config key → (row kind, names of the stored parts: (train, eval) for split datasets, (whole,) otherwise)
 LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
