@@ -100,9 +100,10 @@ class CollectConfig:
     resolved by the pipeline)."""
     labeler: Literal["judge", "human"] = "judge"
     """`judge`: rank with `judge` unattended; `human`: people rank in the labeling page (`rlhf label`)."""
-    judge: str = "gold"
-    """`gold` (the bundled task's gold judge), `reward_model` (a trained RM at `reward_model_path`) or
-    `module:function` naming `f(prompt, response) -> float` (imports and runs that user code)."""
+    judge: str | None = None
+    """Needed with `labeler: judge`: `reward_model` (a trained RM at `reward_model_path`), `module:function`
+    naming `f(prompt, response) -> float` (imports and runs that user code), or `gold`, short for the bundled
+    task's judge `rlhf_core.support_bot:gold_score`. No default: no task's judge ranks another task's data."""
     reward_model_path: str | None = None
     """Directory of the reward model used when `judge` is `reward_model`."""
     noise: float = 0.0
@@ -127,7 +128,7 @@ class CollectConfig:
             raise ValueError(f"model must be 'sft' or 'base', got {self.model!r}")
         if self.labeler not in ("judge", "human"):
             raise ValueError(f"labeler must be 'judge' or 'human', got {self.labeler!r}")
-        if self.judge not in ("gold", "reward_model") and ":" not in self.judge:
+        if self.judge is not None and self.judge not in ("gold", "reward_model") and ":" not in self.judge:
             raise ValueError(f"judge must be 'gold', 'reward_model' or 'module:function', got {self.judge!r}")
         if self.judge == "reward_model" and not self.reward_model_path:
             raise ValueError("judge 'reward_model' needs reward_model_path")
@@ -313,10 +314,13 @@ def reward_model_scorer(path: str | Path, device: torch.device | str | None = No
     return RewardModelScorer(path, device=device, **kwargs)
 
 
-def resolve_judge(spec: str, reward_model_path: str | Path | None = None,
+def resolve_judge(spec: str | None, reward_model_path: str | Path | None = None,
                   device: torch.device | str | None = None) -> ScoreFn:
     """`gold` → `support_bot.gold_score`; `reward_model` → `reward_model_scorer(reward_model_path)`;
     `module:function` → that callable (imported: see `import_callable`)."""
+    if spec is None:
+        raise ValueError("a judge labeler needs `judge`: 'reward_model', 'module:function' or 'gold' (the bundled "
+                         "task's rlhf_core.support_bot:gold_score)")
     if spec == "gold":
         return import_callable("rlhf_core.support_bot:gold_score")
     if spec == "reward_model":

@@ -126,8 +126,17 @@ class EvaluationSettings(_Strict):
     """Win rates are measured against this model."""
     reward_model: bool = True
     """Score responses with the trained reward model (with DPO this makes the pipeline train the RM too)."""
-    gold_judge: bool = True
-    """Score responses with the bundled task's gold judge (`rlhf_core.support_bot.gold_score`)."""
+    gold_judge: str | None = None
+    """A judge no stage trains on, `module:function` scoring `(prompt, response_text) -> float` — the task's
+    ground truth when it has one (the bundled task's: `rlhf_core.support_bot:gold_score`; imports and runs that
+    code). None: no gold scores; promotion then compares RM scores."""
+
+    @model_validator(mode="after")
+    def _gold_judge_is_a_function_name(self) -> EvaluationSettings:
+        if self.gold_judge is not None and ":" not in self.gold_judge:
+            raise ValueError(f"gold_judge must be 'module:function' (e.g. rlhf_core.support_bot:gold_score), got "
+                             f"{self.gold_judge!r}")
+        return self
     batch_size: int = Field(default=8, gt=0)
     """Prompts per generation / scoring batch."""
     max_prompt_len: int | Literal["auto"] | None = "auto"
@@ -305,6 +314,9 @@ class PipelineConfig(_Strict):
                  "dpo": "preferences", "ppo": "prompts_train", "evaluate": "prompts_eval"}
         if "collect" in self.active_stages():
             needs.pop("reward_model")  # it trains on the collected rankings
+            if self.collect.labeler == "judge" and self.collect.judge is None:
+                raise ValueError("collect.judge: the collect stage's judge labeler needs a judge: 'reward_model', "
+                                 "'module:function', or 'gold' (the bundled task's rlhf_core.support_bot:gold_score)")
         for stage in self.active_stages():
             if stage in needs and getattr(self.datasets, needs[stage]) is None:
                 raise ValueError(f"stage {stage!r} needs datasets.{needs[stage]}")

@@ -16,9 +16,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from rlhf_core.collection import import_callable
 from rlhf_core.evaluation import evaluate_models
 from rlhf_core.lengths import resolve_length
 from tasks import tracking
+from tasks.caching import module_source_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
@@ -26,12 +28,9 @@ from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
 SAMPLES_TABLE = "eval_samples.json"
 
 
-def _gold_fn(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from rlhf_core.support_bot import gold_score
-
-    return gold_score
+def _gold_fn(spec: str | None) -> Any:
+    """The configured gold judge (`module:function`, imported: it runs that code), or None."""
+    return import_callable(spec) if spec else None
 
 
 def _model_runs(env: StageEnv, run: StageRun, models: Mapping[str, StagePointer],
@@ -91,5 +90,8 @@ def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, Stag
     if rm is not None:
         upstream["reward_model"] = rm
     upstream["reference"] = reference
-    return run_stage(env, "evaluate", stage_config=cfg, data=data, upstream=upstream,
+    # The judge's source enters the key: editing the judge re-scores.
+    stage_config = {**cfg.model_dump(mode="json"),
+                    "gold_judge_digest": module_source_digest(cfg.gold_judge) if cfg.gold_judge else None}
+    return run_stage(env, "evaluate", stage_config=stage_config, data=data, upstream=upstream,
                      lineage={"validate": validated}, execute=execute)

@@ -71,7 +71,7 @@ def _prompts(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def collected(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CollectConfig, Path, list]:
-    config = CollectConfig(num_responses=K, sampling=SAMPLING, batch_size=4, seed=3)
+    config = CollectConfig(num_responses=K, sampling=SAMPLING, batch_size=4, seed=3, judge="gold")
     task_file = tmp_path_factory.mktemp("collect") / "tasks.jsonl"
     items = create_task_file(tiny_model_dir, _prompts(10), config, task_file, device="cpu")
     return config, task_file, items
@@ -226,7 +226,7 @@ def test_reward_model_trained_on_collected_rankings_beats_chance(tiny_model_dir,
     sft = train_sft(SFTConfig(max_steps=100, learning_rate=3e-3, max_response_len=48, **short), tiny_model_dir,
                     demos, [], tmp_path / "sft")
     config = CollectConfig(num_responses=K, sampling=replace(SAMPLING, max_new_tokens=32), batch_size=16, seed=0,
-                           eval_fraction=0.25)
+                           eval_fraction=0.25, judge="gold")
     items = create_task_file(sft.model_dir, _prompts(RM_PROMPTS), config, tmp_path / "tasks.jsonl", device="cpu")
     result = label_with_judge(items, JudgeLabeler(gold_score, seed=0))
     train_rows, eval_rows = split_by_item(result, config.eval_fraction, config.seed)
@@ -267,7 +267,7 @@ def test_collect_task_records_the_rankings_with_lineage_and_is_cached(stage_env)
     """Given the judge labeler, when the task runs, then one FINISHED `collect` run carries the policy and prompt
     lineage, the ranking datasets with our digests, the counts and the task file; a second call reuses it."""
     env, validated, policy = stage_env
-    settings = CollectConfig(num_responses=3, sampling=SAMPLING, batch_size=4, eval_fraction=0.34)
+    settings = CollectConfig(num_responses=3, sampling=SAMPLING, batch_size=4, eval_fraction=0.34, judge="gold")
     pointer = collect_task.fn(env, validated, policy, settings)
     assert set(pointer.datasets) == {"preference_train", "preference_eval"}
     train = load_rows(pointer.datasets["preference_train"].path, "ranking")

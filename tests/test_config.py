@@ -193,8 +193,22 @@ def test_ppo_runs_the_guides_recipe_only_when_the_config_has_a_collect_section(t
     assert recipe.active_stages() == ["validate", "sft", "collect", "reward_model", "ppo", "evaluate"]
     assert recipe.collect.seed == 4 and recipe.collect.sampling.max_new_tokens == "auto"
     # DPO keeps its path; PPO on reward functions alone needs no reward model at all.
-    assert "collect" not in load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "collect": {}})).active_stages()
+    dpo = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "collect": {"judge": "gold"}}))
+    assert "collect" not in dpo.active_stages()
     rules = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo",
                                           "evaluation": {"reward_model": False},
                                           "ppo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}}}))
     assert rules.active_stages() == ["validate", "sft", "ppo", "evaluate"]
+
+
+def test_no_tasks_judge_is_a_default(tmp_path: Path) -> None:
+    # A pipeline on the user's own data gets no gold scores and no collect judge unless the config names them.
+    cfg = load_config(_write(tmp_path, {"name": "t", "datasets": DATA}))
+    assert cfg.evaluation.gold_judge is None and cfg.collect.judge is None
+    with pytest.raises(ConfigError, match="collect.judge"):
+        load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo",
+                                      "stages": ["validate", "sft", "collect", "reward_model", "ppo"]}))
+    with pytest.raises(ConfigError, match="module:function"):
+        load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "evaluation": {"gold_judge": "gold"}}))
+    bundled = load_config("configs/quickstart.yaml")
+    assert bundled.evaluation.gold_judge == "rlhf_core.support_bot:gold_score" and bundled.collect.judge == "gold"

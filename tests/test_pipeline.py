@@ -99,7 +99,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Proje
                 # 8 new tokens end no reply of this task: the rollouts carry no signal, which is fine for a test of
                 # orchestration (the guard itself: tests/test_learning_direction.py).
                 "dead_signal": "warn"},
-        "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4},
+        "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4,
+                       "gold_judge": "rlhf_core.support_bot:gold_score"},
         # Short sequences on purpose (seconds per stage): the truncation guard would stop them.
         "lengths": {"allow_truncation": True},
         "tracking": {"experiment_name": "rlhf-test"},
@@ -336,7 +337,7 @@ def test_two_pipelines_needing_the_same_stage_train_it_once(project: Project) ->
 def test_collect_feeds_the_reward_model_with_lineage(project: Project) -> None:
     """Given `collect` in the stages with the gold judge, when the pipeline runs, then the SFT model's responses
     are ranked, the RM trains on exactly those rankings, and lineage runs RM → collect → SFT and prompts."""
-    overrides = ["stages=[validate, sft, collect, reward_model]", "collect.num_responses=3",
+    overrides = ["stages=[validate, sft, collect, reward_model]", "collect.judge=gold", "collect.num_responses=3",
                  "collect.num_prompts=8", "collect.sampling.max_new_tokens=8", "collect.eval_fraction=0.25"]
 
     result = rlhf_pipeline(str(project.config), overrides)
