@@ -171,9 +171,33 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
     if "evaluate" in active:
         available = {"base": base, "sft": sft, "policy": policy}
         models = {name: available[name] for name in cfg.evaluation.models if available.get(name) is not None}
+        champion = current_champion(env, policy, sft)
+        if champion is not None and "policy" in models:
+            models[CHAMPION] = champion  # scored beside the candidate, on the same prompts and seeds
         out["evaluate"] = evaluate_task.with_options(**_opts(cfg, "evaluate"))(
             env, out["validate"], models, reference=sft, reward_model=rm)
     return out
+
+
+def current_champion(env: StageEnv, policy: StagePointer | None, reference: StagePointer) -> StagePointer | None:
+    """The registered `@champion` as a model to evaluate, unless it is this pipeline's own policy, absent, or of
+    another vocabulary than `reference` (then promotion falls back to the champion's stored score)."""
+    if policy is None:
+        return None
+    found = tracking.champion_model(env.client, env.config.tracking.registered_model,
+                                    env.config.work_path() / "models")
+    if found is None or found[0].run_id == policy.run_id:
+        return None
+    version, model_dir = found
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(model_dir).get_vocab() != AutoTokenizer.from_pretrained(
+            reference.model_dir).get_vocab():
+        print(f"@champion (version {version.version}) has another vocabulary: compared by its stored score")
+        return None
+    return StagePointer(stage=CHAMPION, cache_key=f"{version.name}/{version.version}:{version.run_id}",
+                        run_id=version.run_id, model_uri=f"models:/{version.name}/{version.version}",
+                        model_dir=model_dir)
 
 
 def champion_metric(metrics: dict[str, float]) -> str | None:
@@ -186,8 +210,11 @@ def register_policy(env: StageEnv, policy: StagePointer, evaluation: StagePointe
     when its evaluation metric beats the current champion's (or there is no champion yet)."""
     client, name = env.client, env.config.tracking.registered_model
     metrics = evaluation.metrics if evaluation is not None else {}
-    metric = champion_metric(metrics)
+    metric = env.config.tracking.promotion_metric or champion_metric(metrics)
     value = metrics.get(metric) if metric else None
+    # The champion scored in this same evaluation, on the same prompts; else (no champion evaluated) its stored
+    # value from its own evaluation.
+    rescored = (evaluation.extra.get("per_model", {}).get(CHAMPION, {}) if evaluation is not None else {})
     tags = {"rlhf.pipeline": env.config.name, "rlhf.stage": policy.stage, "rlhf.cache_key": policy.cache_key,
             "rlhf.evaluate_run_id": evaluation.run_id if evaluation else None}
     if metric is not None:
@@ -196,8 +223,11 @@ def register_policy(env: StageEnv, policy: StagePointer, evaluation: StagePointe
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion = tracking.alias_version(client, name, CHAMPION)
     champion_value = None
-    if champion is not None and metric is not None and metric in (champion.tags or {}):
-        champion_value = float(champion.tags[metric])
+    if champion is not None and metric is not None and str(champion.version) != version:
+        if metric in rescored:
+            champion_value = float(rescored[metric])
+        elif metric in (champion.tags or {}):
+            champion_value = float(champion.tags[metric])
     promoted = False
     if value is not None and (champion is None or champion_value is None or value > champion_value):
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -161,6 +161,10 @@ class TrackingSettings(_Strict):
     """MLflow experiment of every run of this pipeline."""
     registered_model: str = "rlhf-policy"
     """Name the final policy is registered under (alias `candidate`, and `champion` when it wins)."""
+    promotion_metric: str | None = None
+    """The evaluation metric (higher is better) on which a new policy must beat the current `@champion`, both
+    scored in the same evaluation on the same prompts (the champion is re-evaluated beside the candidate).
+    None: `eval/gold_score` with a gold judge, else `eval/rm_score`."""
     system_metrics: bool = True
     """Log CPU/memory (and GPU, with pynvml) system metrics on stage runs, sampled every 10 s."""
     log_model: bool = True

@@ -299,3 +299,20 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def champion_model(client: MlflowClient, name: str, cache_dir: Path) -> tuple[Any, str] | None:
+    """`(model version, local model directory)` of `name@champion`, or None when there is no champion. The model
+    is the version's local training output when it is still there, else downloaded once into `cache_dir/<run>`."""
+    version = alias_version(client, name, "champion")
+    if version is None or not version.run_id:
+        return None
+    local = client.get_run(version.run_id).data.tags.get("rlhf.model_dir")
+    if local and (Path(local) / "config.json").is_file():
+        return version, local
+    target = cache_dir / version.run_id
+    if not (target / MODEL_ARTIFACT / "config.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        client.download_artifacts(version.run_id, MODEL_ARTIFACT, str(target))
+    return version, str(target / MODEL_ARTIFACT)
+

@@ -228,6 +228,13 @@ def test_changing_the_dpo_beta_reruns_only_dpo_and_evaluation(project: Project, 
     dpo = project.client.get_run(result.stages["dpo"].run_id)
     assert dpo.data.params["dpo.dpo_beta"] == "0.2"
     assert project.client.get_model_version_by_alias("rlhf-policy", "candidate").run_id == dpo.info.run_id
+    # The first pipeline's policy, @champion, was evaluated beside the new one on the same prompts, and promotion
+    # compared those two numbers.
+    per_model = result.stages["evaluate"].extra["per_model"]
+    assert set(per_model) == {"sft", "policy", "champion"}
+    evaluate = project.client.get_run(result.stages["evaluate"].run_id)
+    assert evaluate.data.tags["rlhf.upstream.champion.run_id"] == first.stages["dpo"].run_id
+    assert result.registered.champion_value == per_model["champion"][result.registered.metric]
 
 
 def test_a_stage_runs_alone_as_its_own_flow_given_upstream_pointers(project: Project,
