@@ -1,4 +1,5 @@
-"""Checks that stop a run whose training signal is dead, with the reason and the fix (docs/pitfalls.md).
+"""Checks that stop a run whose training signal is dead, with the reason and the fix (docs/pitfalls.md): a reward
+model at chance (§2), rollouts without reward signal (§5).
 
 A PPO run can go through every motion and learn nothing: when every rollout gets the same score, the advantages
 are only the KL penalty (which pushes answers shorter); when nearly every response is cut by `max_new_tokens`,
@@ -8,7 +9,15 @@ iterations, long before a wasted run ends.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.models import score_sequences
+from rlhf_core.tokenization import collate_right_padded, encode_prompt_response, padding_id
 
 NO_EOS_LIMIT = 0.9
 """Share of responses without EOS at which the reward counts as dead."""
@@ -42,3 +51,56 @@ def reward_signal_problem(rollouts: Sequence[Mapping[str, float]], missing_eos_s
                 "are only the KL penalty. Check the reward model (its held-out accuracy, whether it scores the "
                 "policy's samples differently), the reward functions, and score_clip/missing_eos_score.")
     return None
+
+
+@torch.no_grad()
+def reward_model_accuracy(
+    reward_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[dict],
+    batch_size: int = 16,
+    max_prompt_len: int | None = None,
+) -> float:
+    """Pairwise accuracy of the RM on `{"prompt", "chosen", "rejected"}` rows: the share of pairs with
+    r(chosen) > r(rejected) (a tie counts as wrong, as in `losses.bradley_terry_loss`)."""
+    if not pairs:
+        raise ValueError("need at least one pair to measure reward-model accuracy")
+    device = next(reward_model.parameters()).device
+    pad_id = padding_id(tokenizer)
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        rows = list(pairs)[start : start + batch_size]
+        encoded = [encode_prompt_response(tokenizer, r["prompt"], r[k], max_prompt_len) for k in ("chosen",
+                   "rejected") for r in rows]
+        batch = collate_right_padded(encoded, pad_id)
+        scores = score_sequences(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        correct += int((scores[: len(rows)] > scores[len(rows) :]).sum())
+    return correct / len(pairs)
+
+
+def check_reward_model(
+    reward_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    accuracy: float | None,
+    eval_pairs: Sequence[dict] | None,
+    min_accuracy: float,
+    mode: str = "raise",
+    max_prompt_len: int | None = None,
+) -> float | None:
+    """Refuse (`mode="raise"`) or warn about a reward model at chance (docs/pitfalls.md §2): held-out pairwise
+    `accuracy` (measured on `eval_pairs` when not given) below `min_accuracy`. Returns the accuracy used, None
+    when neither is available (warns)."""
+    if accuracy is None and eval_pairs:
+        accuracy = reward_model_accuracy(reward_model, tokenizer, eval_pairs, max_prompt_len=max_prompt_len)
+    if accuracy is None:
+        warnings.warn("PPO starts without a held-out accuracy of the reward model: an RM at chance makes PPO "
+                      "optimise noise. Pass reward_model_eval_accuracy or reward_model_eval_pairs.", stacklevel=3)
+        return None
+    if accuracy < min_accuracy:
+        message = (f"reward model held-out accuracy {accuracy:.3f} is below min_reward_model_accuracy="
+                   f"{min_accuracy}: PPO against an RM at chance optimises noise "
+                   "(train the RM longer or on more data)")
+        if mode == "raise":
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+    return accuracy

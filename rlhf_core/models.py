@@ -295,3 +295,47 @@ def score_sequences(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last_hidden = hidden[rows, last_token_index(attention_mask)]  # [batch, hidden]
     return _score_head(reward_model)(last_hidden).squeeze(-1).float()
+
+
+class PolicyAndCritic(nn.Module):
+    """Actor and critic with separate bodies: the policy LM and a critic that starts as the reward model.
+
+    The critic's score head is read at every position, `V(s) = w·h_s (+ b)`, so at the last token it starts out
+    equal to the RM score — a better initial value estimate than a fresh head.
+    """
+
+    def __init__(self, pretrained_model: nn.Module, critic: nn.Module) -> None:
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        self.critic = critic
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits [batch, L, V], values [batch, L] float32)`, as `PolicyWithValueHead.forward` (logits of the
+        last `logits_to_keep` positions only when > 0)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        logits = self.pretrained_model(**inputs, logits_to_keep=logits_to_keep).logits
+        # The backbone alone: the classifier's own forward would pool one position per row.
+        hidden = self.critic.base_model(**inputs).last_hidden_state  # [batch, L, hidden], after the final norm
+        values = self.critic.score(hidden).squeeze(-1).float()
+        return logits, values
+
+    def save_pretrained(self, output_dir: str | Path, **_: Any) -> Path:
+        """The policy in plain HF causal-LM layout (LoRA merged into a copy) and the critic in `critic/`."""
+        out = Path(output_dir)
+        body = self.pretrained_model
+        if _is_peft(body):
+            body = copy.deepcopy(body).merge_and_unload()  # the live adapters stay
+        body.save_pretrained(out, safe_serialization=True)
+        self.critic.save_pretrained(out / "critic", safe_serialization=True)
+        return out

@@ -75,8 +75,8 @@ MUTATIONS = (
              ("tests/test_caching.py",)),
     Mutation("lengths: a limit that cuts the data passes", "rlhf_core/lengths.py",
              "    if cut > 1.0 - policy.coverage + 1e-12:", "    if cut < 0:", ("tests/test_lengths.py",)),
-    Mutation("reward-model guard: an RM at chance accepted", "rlhf_core/trainers/ppo.py",
-             "    if accuracy < config.min_reward_model_accuracy:", "    if accuracy < 0:",
+    Mutation("reward-model guard: an RM at chance accepted", "rlhf_core/guards.py",
+             "    if accuracy < min_accuracy:", "    if accuracy < 0:",
              ("tests/test_ppo_trainer.py::test_refuses_a_reward_model_at_chance",)),
 )
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_core.callbacks import ListLogger
 from rlhf_core.evaluation import evaluate_models
 from rlhf_core.generation import SamplingConfig
+from rlhf_core.guards import reward_model_accuracy
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.models import VALUE_HEAD_FILE, reward_model_from_causal_lm, score_sequences
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt, encode_prompt_response
@@ -34,7 +35,6 @@ from rlhf_core.trainers.common import LoRAConfig, NonFiniteLossError, latest_che
 from rlhf_core.trainers.ppo import (
     PPOConfig,
     load_ppo_models,
-    reward_model_accuracy,
     run_ppo,
     train_ppo,
 )

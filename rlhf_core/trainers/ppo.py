@@ -18,7 +18,8 @@ to a frozen reference (the SFT model).
 Models. The actor-critic is one module whose forward returns `(logits, values)`:
 - `critic="shared"` (default): `PolicyWithValueHead`, one body with an LM head and a scalar value head;
 - `critic="separate"`: `PolicyAndCritic`, the policy plus a critic initialised from the reward model (its
-  score head read at every position gives V(s_t)).
+  score head read at every position gives V(s_t)). Both live in `rlhf_core/models.py`; the reward-model and
+  dead-signal guards in `rlhf_core/guards.py`.
 The reward model and the reference are frozen; with LoRA the reference is the policy with adapters disabled.
 Dropout is off in every model (docs/pitfalls.md §6).
 
@@ -35,8 +36,6 @@ resumed run follows the same trajectory as an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -50,7 +49,6 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_core.atomic import atomic_replace_dir
 from rlhf_core.callbacks import MetricLogger
 from rlhf_core.experience import (
     Experience,
@@ -64,26 +62,19 @@ from rlhf_core.experience import (
     sequence_kl,
 )
 from rlhf_core.generation import generate
-from rlhf_core.guards import DeadSignalError, reward_signal_problem
+from rlhf_core.guards import DeadSignalError, check_reward_model, reward_signal_problem
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.lengths import Auto, resolve_from_rows, unresolved
 from rlhf_core.logprobs import response_forward
 from rlhf_core.losses import entropy_from_logits, ppo_policy_loss, ppo_total_loss, value_loss, whiten
 from rlhf_core.models import (
+    PolicyAndCritic,
     PolicyWithValueHead,
     disable_dropout,
     load_reward_model,
-    score_sequences,
 )
 from rlhf_core.rewards import RewardScorer, build_scorer
-from rlhf_core.tokenization import (
-    collate_right_padded,
-    encode_prompt_response,
-    padding_id,
-    position_ids_from_attention_mask,
-)
 from rlhf_core.trainers.common import (
-    MODEL_DIRNAME,
     EpochPermutationSampler,
     Session,
     TrainerConfig,
@@ -95,11 +86,11 @@ from rlhf_core.trainers.common import (
     check_length_limits,
     ensure_finite,
     freeze,
-    is_peft_model,
     make_accelerator,
     maybe_checkpoint,
     peak_memory_mb,
     progress_bar,
+    save_final_model,
     set_seed,
     start_session,
 )
@@ -236,50 +227,6 @@ class PPOConfig(TrainerConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class PolicyAndCritic(nn.Module):
-    """Actor and critic with separate bodies: the policy LM and a critic that starts as the reward model.
-
-    The critic's score head is read at every position, `V(s) = w·h_s (+ b)`, so at the last token it starts out
-    equal to the RM score — a better initial value estimate than a fresh head.
-    """
-
-    def __init__(self, pretrained_model: nn.Module, critic: nn.Module) -> None:
-        super().__init__()
-        self.pretrained_model = pretrained_model
-        self.critic = critic
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(logits [batch, L, V], values [batch, L] float32)`, as `PolicyWithValueHead.forward` (logits of the
-        last `logits_to_keep` positions only when > 0)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = position_ids_from_attention_mask(attention_mask)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": False}
-        logits = self.pretrained_model(**inputs, logits_to_keep=logits_to_keep).logits
-        # The backbone alone: the classifier's own forward would pool one position per row.
-        hidden = self.critic.base_model(**inputs).last_hidden_state  # [batch, L, hidden], after the final norm
-        values = self.critic.score(hidden).squeeze(-1).float()
-        return logits, values
-
-    def save_pretrained(self, output_dir: str | Path) -> Path:
-        """The policy in plain HF causal-LM layout (LoRA merged into a copy) and the critic in `critic/`."""
-        out = Path(output_dir)
-        body = self.pretrained_model
-        if is_peft_model(body):
-            body = copy.deepcopy(body).merge_and_unload()  # the live adapters stay
-        body.save_pretrained(out, safe_serialization=True)
-        self.critic.save_pretrained(out / "critic", safe_serialization=True)
-        return out
-
-
 def build_actor_critic(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path) -> nn.Module:
     """The trained module: the SFT policy (with LoRA adapters if configured) and its critic (see the module
     docstring), dropout off, float32 master weights."""
@@ -304,61 +251,6 @@ def make_kl_controller(config: PPOConfig) -> KLController:
     if config.target_kl is None:
         return FixedKLController(config.kl_coef)
     return AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The reward-model guard (docs/pitfalls.md §2)
-# --------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reward_model_accuracy(
-    reward_model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[dict],
-    batch_size: int = 16,
-    max_prompt_len: int | None = None,
-) -> float:
-    """Pairwise accuracy of the RM on `{"prompt", "chosen", "rejected"}` rows: the share of pairs with
-    r(chosen) > r(rejected) (a tie counts as wrong, as in `losses.bradley_terry_loss`)."""
-    if not pairs:
-        raise ValueError("need at least one pair to measure reward-model accuracy")
-    device = next(reward_model.parameters()).device
-    pad_id = padding_id(tokenizer)
-    correct = 0
-    for start in range(0, len(pairs), batch_size):
-        rows = list(pairs)[start : start + batch_size]
-        encoded = [encode_prompt_response(tokenizer, r["prompt"], r[k], max_prompt_len) for k in ("chosen",
-                   "rejected") for r in rows]
-        batch = collate_right_padded(encoded, pad_id)
-        scores = score_sequences(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        correct += int((scores[: len(rows)] > scores[len(rows) :]).sum())
-    return correct / len(pairs)
-
-
-def check_reward_model(
-    config: PPOConfig,
-    reward_model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    accuracy: float | None,
-    eval_pairs: Sequence[dict] | None,
-) -> float | None:
-    """Refuse (or warn about, per `config.weak_reward_model`) a reward model at chance; returns the held-out
-    accuracy used (measured on `eval_pairs` when not given), None when neither is available (warns)."""
-    if accuracy is None and eval_pairs:
-        accuracy = reward_model_accuracy(reward_model, tokenizer, eval_pairs, max_prompt_len=config.max_prompt_len)
-    if accuracy is None:
-        warnings.warn("PPO starts without a held-out accuracy of the reward model: an RM at chance makes PPO "
-                      "optimise noise. Pass reward_model_eval_accuracy or reward_model_eval_pairs.", stacklevel=3)
-        return None
-    if accuracy < config.min_reward_model_accuracy:
-        message = (f"reward model held-out accuracy {accuracy:.3f} is below min_reward_model_accuracy="
-                   f"{config.min_reward_model_accuracy}: PPO against an RM at chance optimises noise "
-                   "(train the RM longer or on more data)")
-        if config.weak_reward_model == "raise":
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=3)
-    return accuracy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -532,23 +424,6 @@ def mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> 
     return {key: value / accelerator.num_processes for key, value in summed.items()}
 
 
-def save_policy(accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                output_dir: Path) -> Path:
-    """Write the final policy to `output_dir/model` atomically (temporary dir, then rename): HF causal-LM layout
-    (LoRA merged) + the value head file or the critic + the tokenizer. (`common.save_final_model` passes
-    `safe_serialization=` to `save_pretrained`, which the value-head wrapper does not take.)"""
-    final = output_dir / MODEL_DIRNAME
-    tmp = final.with_name(f".tmp-{MODEL_DIRNAME}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_replace_dir(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def _restore_extras(state: TrainState, kl_controller: KLController, moments: RunningMoments) -> None:
     if "kl_controller" in state.extra:
         kl_controller.load_state_dict(state.extra["kl_controller"])
@@ -646,8 +521,9 @@ def run_ppo(
         raise ValueError("rollout_batch_size must be a multiple of batch_size × grad_accum_steps × num_processes")
     tokenizer, reference = models.tokenizer, models.reference
     reward_model = models.reward_model.to(device) if models.reward_model is not None else None
-    rm_accuracy = check_reward_model(config, reward_model, tokenizer, reward_model_eval_accuracy,
-                                     reward_model_eval_pairs) if reward_model is not None else None
+    rm_accuracy = check_reward_model(reward_model, tokenizer, reward_model_eval_accuracy, reward_model_eval_pairs,
+                                     config.min_reward_model_accuracy, config.weak_reward_model,
+                                     config.max_prompt_len) if reward_model is not None else None
     scorer = build_scorer(reward_model, config.reward_model_weight, config.reward_functions)
     if reference is not None:
         reference.to(device)
@@ -717,6 +593,7 @@ def run_ppo(
         if eval_prompts else {}
     if final_eval:
         session.log(final_eval)
-    model_dir = save_policy(accelerator, session.model, tokenizer, output_dir)
+    # HF causal-LM layout (LoRA merged into a copy) + the value head file or the critic + the tokenizer.
+    model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)
     return TrainResult(model_dir=model_dir, metrics={**last, **final_eval},
                        resumed_from_step=session.resumed_from_step)
