@@ -3,6 +3,8 @@
 - `tiny_model_dir`: a Hugging Face model directory (tiny Llama, safetensors, tokenizer with a ChatML-like chat
   template; pad `<|pad|>` != eos `<|im_end|>`). Treat it as read-only; copy it if a test must modify it.
 - `tiny_tokenizer`: the tokenizer loaded from that directory (shared, do not mutate; `copy.deepcopy` it first).
+- `prefect_api`: the API URL of Prefect's test server (`prefect_test_harness`), one per session, shared by every
+  module that runs flows against it.
 """
 
 from __future__ import annotations
@@ -28,3 +30,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    # Imported here: most test modules never start a flow.
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

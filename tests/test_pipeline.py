@@ -39,8 +39,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from flows.config import load_config
@@ -57,12 +55,6 @@ STAGES = ["validate", "sft", "reward_model", "dpo", "evaluate"]
 TINY = {"batch_size": 4, "progress_bar": False, "max_prompt_len": 48, "max_response_len": 32}
 
 
-@pytest.fixture(scope="session")
-def prefect_api() -> str:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 @dataclass
 class Project:
     root: Path
@@ -75,10 +67,9 @@ class Project:
                                        max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Project:
-    root = tmp_path_factory.mktemp("pipeline")
-    config = {
+def pipeline_config(root: Path) -> dict:
+    """The test pipeline's config (tiny: seconds per stage), working under `root/runs`."""
+    return {
         "name": "test-pipeline",
         "base_model": "tiny",
         "algorithm": "dpo",
@@ -108,8 +99,13 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Proje
         # default (package version + source hash) is covered by tests/test_caching.py.
         "cache": {"code_version": "test"},
     }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Project:
+    root = tmp_path_factory.mktemp("pipeline")
     path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(pipeline_config(root)))
     tracking_uri = load_config(path).tracking_uri()
     return Project(root, path, MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
 
