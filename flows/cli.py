@@ -5,6 +5,7 @@
     rlhf generate models:/rlhf-policy@champion --prompt "My parcel is late"
     rlhf chat runs:/<run id>/model
     rlhf lineage models:/rlhf-policy@candidate [--json]
+    rlhf runs --experiment quickstart                           # recent pipeline runs and their evaluation
     rlhf ui                                                     # MLflow UI on the local store
     rlhf label runs/collect/<key>/tasks.jsonl --labeler ana     # rank sampled responses in the browser
 
@@ -654,6 +655,46 @@ def lineage(
         for problem in problems:
             err_console.print(f"[bold red]incomplete lineage:[/] {escape(problem)}")
         raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def runs(
+    experiment: Annotated[str | None, typer.Option(
+        "--experiment", "-e", help="Experiment name (default: --config's, else every experiment).")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs, newest first.")] = 20,
+    wide: Annotated[bool, typer.Option("--wide", help="Every metric, the registered model and the run id.")] = False,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The recent pipeline runs and their policy's evaluation: gold score and win rate, RM win rate, KL, no-EOS."""
+    from rich import box
+
+    from flows.runs import RunsError, columns, recent_pipeline_runs
+
+    cfg = _config_of(config)
+    name = experiment or (cfg.tracking.experiment_name if cfg is not None else None)
+    uri = resolve_tracking_uri(tracking_uri, config)
+    try:
+        rows = recent_pipeline_runs(mlflow_client(uri), name, limit)
+    except RunsError as exc:
+        raise _fail(str(exc)) from exc
+    if not rows:
+        console.print(f"no pipeline runs in {escape(uri)}" + (f", experiment {escape(name)}" if name else ""))
+        return
+    experiments = sorted({row.experiment for row in rows})
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left",
+                  title=f"pipeline runs of experiment{'s' if len(experiments) > 1 else ''} "
+                        f"{escape(', '.join(experiments))}")
+    for header in columns(wide):
+        table.add_column(header, no_wrap=True, justify="right" if header in columns(True)[4:-2] else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row.cells(wide)))
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,6 +247,83 @@ def test_lineage_exit_codes_name_the_problem(runner: CliRunner, store, tmp_path:
     result = runner.invoke(app, ["lineage", orphan, "--tracking-uri", uri], env=WIDE)
     assert result.exit_code == 2
     assert f"incomplete lineage: upstream 'sft': run {NEVER_WRITTEN} not found" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store with pipeline parent runs written the way `flows.pipeline` writes them, plus a stage run."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('cli_runs') / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    quick, other = client.create_experiment("quickstart"), client.create_experiment("other")
+    t0 = 1_796_000_000_000  # ms since the epoch
+
+    def parent(exp: str, name: str, algorithm: str, start: int, metrics: dict[str, float], end: int | None,
+               tags: dict[str, str] | None = None) -> str:
+        run = client.create_run(exp, run_name=name, start_time=start, tags={
+            "rlhf.kind": "pipeline", "rlhf.algorithm": algorithm, **(tags or {})})
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value, step=0)
+        if end is not None:
+            client.set_terminated(run.info.run_id, end_time=end)
+        return run.info.run_id
+
+    parent(quick, "quickstart-dpo-20261205-090000", "dpo", t0, {
+        "eval/gold_score": 1.554, "eval/win_rate_gold": 0.8, "eval/rm_score": 0.31, "eval/win_rate_rm": 0.7,
+        "eval/kl_to_ref": 6.43, "eval/response_length": 21.25, "eval/no_eos_fraction": 0.03}, t0 + 45_000,
+        {"rlhf.registered_model": "rlhf-policy/1", "rlhf.promoted": "true"})
+    parent(quick, "quickstart-ppo-20261205-091000", "ppo", t0 + 600_000,
+           {"eval/gold_score": 1.42, "eval/win_rate_gold": 0.76, "eval/kl_to_ref": 2.3}, t0 + 700_000)
+    parent(quick, "quickstart-ppo-20261205-092000", "ppo", t0 + 1_200_000, {}, None)  # still running
+    client.create_run(quick, run_name="dpo", tags={"rlhf.kind": "stage", "rlhf.stage": "dpo"})
+    parent(other, "other-dpo-20261205-080000", "dpo", t0 - 3_600_000, {"eval/win_rate_gold": 0.55}, t0)
+    return uri
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    """The cells of each pipeline run's row (columns are at least two spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if "-20261205-" in line]
+
+
+def test_runs_lists_an_experiments_pipeline_runs_newest_first_with_their_evaluation(runner: CliRunner,
+                                                                                     pipeline_runs: str) -> None:
+    result = runner.invoke(app, ["runs", "--experiment", "quickstart", "--tracking-uri", pipeline_runs], env=WIDE)
+
+    assert result.exit_code == 0, result.output
+    assert "run  status  algo  started UTC  took  gold  gold win  RM win  KL  no EOS" in re.sub(
+        r" {2,}", "  ", result.output)
+    # Newest first; not the other experiment's run, not the stage run.
+    assert _table_rows(result.output) == [
+        ["quickstart-ppo-20261205-092000", "RUNNING", "ppo", "11-30 01:13", "–", "–", "–", "–", "–", "–"],
+        ["quickstart-ppo-20261205-091000", "FINISHED", "ppo", "11-30 01:03", "100s", "1.42", "0.76", "–", "2.30", "–"],
+        ["quickstart-dpo-20261205-090000", "FINISHED", "dpo", "11-30 00:53", "45s", "1.55", "0.80", "0.70", "6.43",
+         "0.03"],
+    ]
+
+
+def test_runs_limit_wide_every_experiment_and_an_unknown_one(runner: CliRunner, pipeline_runs: str) -> None:
+    newest = runner.invoke(app, ["runs", "-n", "1", "--experiment", "quickstart", "--wide",
+                                 "--tracking-uri", pipeline_runs], env=WIDE)
+    assert newest.exit_code == 0, newest.output
+    [row] = _table_rows(newest.output)
+    assert row[0] == "quickstart-ppo-20261205-092000" and len(row) == 14 and re.fullmatch("[0-9a-f]{32}", row[-1])
+
+    wide = runner.invoke(app, ["runs", "--wide", "--tracking-uri", pipeline_runs], env=WIDE)
+    assert wide.exit_code == 0, wide.output
+    rows = _table_rows(wide.output)
+    assert [r[0] for r in rows] == ["quickstart-ppo-20261205-092000", "quickstart-ppo-20261205-091000",
+                                    "quickstart-dpo-20261205-090000", "other-dpo-20261205-080000"]
+    assert rows[2][5:13] == ["1.55", "0.80", "0.31", "0.70", "6.43", "21.2", "0.03", "rlhf-policy v1 (champion)"]
+    assert "experiments other, quickstart" in wide.output
+
+    unknown = runner.invoke(app, ["runs", "--experiment", "nope", "--tracking-uri", pipeline_runs], env=WIDE)
+    assert unknown.exit_code == 1
+    assert unknown.stderr.strip() == ("error: no experiment 'nope' in this store "
+                                      "(experiments: Default, other, quickstart)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
