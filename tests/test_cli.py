@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from test_lineage import DIGESTS, NEVER_WRITTEN, build_store
 from typer.testing import CliRunner
@@ -44,7 +45,57 @@ def test_run_help_lists_config_and_overrides(runner: CliRunner) -> None:
     assert result.exit_code == 0
     assert "Usage: rlhf run" in result.output and "Pipeline YAML" in result.output
     assert "--set" in result.output and "Override one config key" in result.output
-    assert "--tracking-uri" in result.output
+    assert "--tracking-uri" in result.output and "--verbose" in result.output
+
+
+TINY_STAGE = {"batch_size": 4, "max_prompt_len": 48, "max_response_len": 32}
+
+
+@pytest.mark.slow
+def test_run_without_a_terminal_shows_stage_lines_progress_lines_and_the_result_but_no_library_info(
+    tmp_path: Path,
+) -> None:
+    """`rlhf run` as its own process, its output a pipe (not a terminal), on a tiny pipeline (~40 s)."""
+    data = REPO / "data" / "support_bot"
+    config = {
+        "name": "quiet", "base_model": "tiny", "algorithm": "dpo", "work_dir": str(tmp_path / "runs"),
+        "datasets": {
+            "demonstrations": {"path": str(data / "demonstrations.jsonl"), "limit": 24},
+            "preferences": {"path": str(data / "preferences.jsonl"), "limit": 24},
+            "prompts_train": {"path": str(data / "prompts_train.jsonl"), "limit": 8},
+            "prompts_eval": {"path": str(data / "prompts_eval.jsonl"), "limit": 4},
+            "eval_fraction": 0.25},
+        "sft": {**TINY_STAGE, "max_steps": 3}, "reward_model": {**TINY_STAGE, "max_steps": 3},
+        "dpo": {**TINY_STAGE, "max_steps": 2},
+        "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4},
+        "lengths": {"allow_truncation": True},
+        "tracking": {"experiment_name": "quiet", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, **WIDE, "PREFECT_HOME": str(tmp_path / "prefect")}
+    for name in ("PREFECT_API_URL", "MLFLOW_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        env.pop(name, None)
+
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    out, err = proc.stdout, proc.stderr
+    # No INFO records of MLflow (database set-up, system metrics) or Prefect (server, task states).
+    assert not [line for line in (out + err).splitlines() if re.search(r"\bINFO\b", line)], out + err
+    stages = ["validate", "sft", "reward_model", "dpo", "evaluate"]
+    for i, stage in enumerate(stages, start=1):
+        assert f"[{i}/5] ▶ {stage} started" in out and f"[{i}/5] ✔ {stage} completed in " in out, out
+    # The trainers' progress: plain lines on stderr instead of bars (no terminal).
+    for stage, steps in (("sft", 3), ("rm", 3), ("dpo", 2)):
+        assert re.search(rf"^{stage}: step {steps}/{steps} \(100%\), \w+=[-0-9.]+, \d+ s elapsed$", err, re.M), err
+    assert "\r" not in err  # no bar redrawn in place
+    # The evaluation table at the end.
+    table = out.split("result")[-1]
+    assert "gold ± s.e." in table and re.search(r"^sft\s", table, re.M) and re.search(r"^policy\s", table, re.M)
+    # The lines a user sees: the header, one per stage start and end, the where-to-look block, the table.
+    assert len(out.splitlines()) < 45, out
 
 
 def test_run_rejects_a_bad_config_key_before_running(runner: CliRunner, tmp_path: Path) -> None:
