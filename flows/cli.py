@@ -5,6 +5,7 @@
     rlhf generate models:/rlhf-policy@champion --prompt "My parcel is late"
     rlhf chat runs:/<run id>/model
     rlhf lineage models:/rlhf-policy@candidate [--json]
+    rlhf runs --experiment quickstart                           # recent pipeline runs and their evaluation
     rlhf ui                                                     # MLflow UI on the local store
     rlhf label runs/collect/<key>/tasks.jsonl --labeler ana     # rank sampled responses in the browser
 
@@ -74,18 +75,22 @@ app = typer.Typer(name="rlhf", cls=_OneLineErrors, no_args_is_help=True, add_com
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 debug = False
+verbose = False
 
 
 @app.callback()
 def _main(
     debug_option: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+    verbose_option: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show the libraries' INFO logs (Prefect, MLflow) too.")] = False,
 ) -> None:
     """The RLHF pipeline: validated data → SFT → reward model → PPO/DPO → evaluation → inference."""
-    global console, err_console, debug
+    global console, err_console, debug, verbose
     # Fresh consoles per invocation: the terminal (or $COLUMNS) may differ from the one seen at import.
     console = Console(highlight=False)
     err_console = Console(stderr=True, highlight=False)
     debug = debug_option
+    verbose = verbose_option
 
 
 TrackingUri = Annotated[str | None, typer.Option(
@@ -241,11 +246,15 @@ def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path) -> Path:
 
 
 class StageProgress(logging.Handler):
-    """Turns Prefect's log records into one line per finished stage: `[2/5] ✔ sft completed in 41.2 s`.
+    """Turns Prefect's log records into a line when a stage starts and one when it ends:
 
-    Prefect's task loggers attach `task_run_id` and `task_name` to every record and the engine logs
-    "Finished in state <State>" when a task run ends; the flow logs "Beginning flow run" when it starts. The
-    pipeline runs its stages one after the other, so a stage took the time since the previous one finished.
+        [2/5] ▶ sft started
+        [2/5] ✔ sft completed in 41.2 s            (or: ✔ sft reused from the cache in 0.3 s)
+
+    Prefect's task loggers attach `task_run_id` and `task_name` to every record; a stage logs "Stage <name>
+    started: …" or "Stage <name> reused: …" (`tasks.runner.announce`), and the engine logs "Finished in state
+    <State>" when a task run ends; the flow logs "Beginning flow run" when it starts. The pipeline runs its stages
+    one after the other, so a stage took the time since the previous one finished.
     """
 
     def __init__(self, out: Console, stages: list[str]) -> None:
@@ -253,7 +262,11 @@ class StageProgress(logging.Handler):
         self.out = out
         self.stages = stages
         self.finished: list[str] = []
+        self.reused: set[str] = set()
         self.mark = time.monotonic()
+
+    def _position(self) -> str:
+        return f"[dim][{len(self.finished) + 1}/{len(self.stages)}][/]"
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -261,15 +274,23 @@ class StageProgress(logging.Handler):
             self.mark = time.monotonic()
             return
         name = getattr(record, "task_name", None)
+        if not getattr(record, "task_run_id", None) or not name:
+            return
+        if announced := re.match(r"Stage (\S+) (started|reused): ", message):
+            if announced[2] == "reused":
+                self.reused.add(name)
+            else:
+                self.out.print(f"{self._position()} [cyan]▶[/] {escape(name)} started")
+            return
         match = re.match(r"Finished in state (\w+)", message)
-        if not getattr(record, "task_run_id", None) or not name or match is None:
+        if match is None:
             return
         now, state = time.monotonic(), match[1]
-        self.finished.append(name)
         ok = state in ("Completed", "Cached")
         mark = "[green]✔[/]" if ok else "[red]✘[/]"
-        self.out.print(f"[dim][{len(self.finished)}/{len(self.stages)}][/] {mark} {escape(name)} "
-                       f"{state.lower()} in {now - self.mark:.1f} s")
+        what = "reused from the cache" if ok and name in self.reused else state.lower()
+        self.out.print(f"{self._position()} {mark} {escape(name)} {what} in {now - self.mark:.1f} s")
+        self.finished.append(name)
         self.mark = now
 
 
@@ -339,16 +360,25 @@ def run(
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override one config key, dotted: --set dpo.max_steps=20 (repeatable).")] = None,
     tracking_uri: TrackingUri = None,
+    verbose_option: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show the libraries' INFO logs (Prefect task states, MLflow) too.")] = False,
 ) -> None:
-    """Run the pipeline flow: validate → sft → reward model → ppo | dpo → evaluate, each stage cached."""
-    from flows.config import ConfigError, load_config
+    """Run the pipeline flow: validate → sft → reward model → ppo | dpo → evaluate, each stage cached.
 
+    Shows a line when each stage starts and ends and, on a terminal, a progress bar per training stage (plain
+    progress lines when the output is not a terminal); the libraries' INFO logs only with --verbose.
+    """
     # Offline by default (the machine may have no network): no usage telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server migrates a fresh database first: on a busy 2-core machine that overruns Prefect's 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ["RLHF_CLI_PRINTS_RESULTS"] = "1"  # the flow leaves the result table to us
-    _quiet_library_chatter()
+    loud = verbose or verbose_option
+    if not loud:  # read when MLflow and Prefect are first imported (below); _quiet_library_chatter covers the rest
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from flows.config import ConfigError, load_config
+
     pairs = list(overrides or [])
     if tracking_uri:
         pairs.append(f"tracking.tracking_uri={tracking_uri}")
@@ -358,6 +388,7 @@ def run(
         raise _bad_input(exc) from exc
     from flows.pipeline import rlhf_pipeline
 
+    _quiet_library_chatter(loud)
     stages = cfg.active_stages()
     console.rule(f"[bold]rlhf pipeline[/] {escape(str(config))}")
     console.print(f"stages: {' → '.join(stages)}")
@@ -380,13 +411,21 @@ def run(
         raise _fail(f"pipeline finished in state {state.name}: {state.message or ''}")
 
 
-def _quiet_library_chatter() -> None:
-    """One line per stage is the progress display: no per-load progress bars from transformers, no INFO lines
-    from MLflow's system-metrics sampler (warnings and errors still show)."""
+def _quiet_library_chatter(verbose: bool) -> None:
+    """The stage lines and the trainers' progress bars are the progress display: no per-load progress bars from
+    transformers and, unless `verbose`, no INFO lines from MLflow (database set-up, system-metrics sampler) or
+    on Prefect's console (task states, the temporary server); warnings and errors still show. Prefect's loggers
+    keep INFO: `StageProgress` reads the task-state records, and the Prefect UI keeps every record."""
+    from prefect.logging.handlers import PrefectConsoleHandler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if verbose:
+        return
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -654,6 +693,46 @@ def lineage(
         for problem in problems:
             err_console.print(f"[bold red]incomplete lineage:[/] {escape(problem)}")
         raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def runs(
+    experiment: Annotated[str | None, typer.Option(
+        "--experiment", "-e", help="Experiment name (default: --config's, else every experiment).")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs, newest first.")] = 20,
+    wide: Annotated[bool, typer.Option("--wide", help="Every metric, the registered model and the run id.")] = False,
+    tracking_uri: TrackingUri = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The recent pipeline runs and their policy's evaluation: gold score and win rate, RM win rate, KL, no-EOS."""
+    from rich import box
+
+    from flows.runs import RunsError, columns, recent_pipeline_runs
+
+    cfg = _config_of(config)
+    name = experiment or (cfg.tracking.experiment_name if cfg is not None else None)
+    uri = resolve_tracking_uri(tracking_uri, config)
+    try:
+        rows = recent_pipeline_runs(mlflow_client(uri), name, limit)
+    except RunsError as exc:
+        raise _fail(str(exc)) from exc
+    if not rows:
+        console.print(f"no pipeline runs in {escape(uri)}" + (f", experiment {escape(name)}" if name else ""))
+        return
+    experiments = sorted({row.experiment for row in rows})
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left",
+                  title=f"pipeline runs of experiment{'s' if len(experiments) > 1 else ''} "
+                        f"{escape(', '.join(experiments))}")
+    for header in columns(wide):
+        table.add_column(header, no_wrap=True, justify="right" if header in columns(True)[4:-2] else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row.cells(wide)))
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
@@ -99,13 +100,46 @@ def _flow_run() -> tuple[str | None, str | None]:
     return flow_run.get_id(), url if url and url.startswith(("http://", "https://")) else None
 
 
+# The training stages whose step budget is a parent-run param (next to each algorithm's key setting).
+TRAINING_STAGES = ("sft", "reward_model", "dpo", "ppo")
+KEY_SETTINGS = {"dpo": ("dpo_beta",), "ppo": ("kl_coef",)}
+
+
+def pipeline_run_name(config: PipelineConfig, now: datetime | None = None) -> str:
+    """`<pipeline>-<algorithm>-<UTC YYYYmmdd-HHMMSS>`: runs of one pipeline stay apart in the runs table."""
+    now = now or datetime.now(UTC)
+    return f"{config.name}-{config.algorithm}-{now.astimezone(UTC):%Y%m%d-%H%M%S}"
+
+
+def key_params(config: PipelineConfig) -> dict[str, str]:
+    """The parent run's params: what tells two pipelines apart at a glance in the runs table (the full config
+    is the `pipeline_config.yaml` artifact and every stage run's params)."""
+    active = config.active_stages()
+    params = {"algorithm": config.algorithm, "base_model": config.base_model, "seed": str(config.seed),
+              "stages": ",".join(active)}
+    for stage in TRAINING_STAGES:
+        if stage not in active:
+            continue
+        section = getattr(config, stage)
+        for field in ("max_steps", *KEY_SETTINGS.get(stage, ())):
+            params[f"{stage}.{field}"] = str(getattr(section, field))
+    return params
+
+
+def log_headline_metrics(env: StageEnv, evaluation: StagePointer | None) -> None:
+    """The evaluated policy's `eval/*` metrics on the parent run too: the runs table then compares pipelines
+    (gold and RM scores, win rates, KL, lengths) without opening their evaluate runs."""
+    if evaluation is not None and evaluation.metrics:
+        tracking.MLflowLogger(env.client, env.parent_run_id).log_metrics(dict(evaluation.metrics), step=0)
+
+
 def start_pipeline_run(config: PipelineConfig, flow_name: str = "pipeline") -> StageEnv:
     """Set up MLflow (experiment with its artifact location) and open the parent run of this flow run."""
     client = tracking.tracking_client(config.tracking_uri())
     experiment_id = tracking.ensure_experiment(client, config.tracking.experiment_name, config.artifact_location())
     flow_run_id, flow_run_url = _flow_run()
     parent_runs.close_dead_runs(client, experiment_id, config.name, config.work_path())
-    run = client.create_run(experiment_id, run_name=config.name, tags={k: v for k, v in {
+    run = client.create_run(experiment_id, run_name=pipeline_run_name(config), tags={k: v for k, v in {
         "rlhf.kind": "pipeline",
         "rlhf.pipeline": config.name,
         "rlhf.flow": flow_name,
@@ -119,8 +153,7 @@ def start_pipeline_run(config: PipelineConfig, flow_name: str = "pipeline") -> S
     run_id = run.info.run_id
     parent_runs.hold(config.work_path(), run_id)
     tracking.log_text(client, run_id, dump_config(config), "pipeline_config.yaml")
-    tracking.log_params(client, run_id, {"algorithm": config.algorithm, "base_model": config.base_model,
-                                         "seed": str(config.seed), "stages": ",".join(config.active_stages())})
+    tracking.log_params(client, run_id, key_params(config))
     if flow_run_id is not None:  # Prefect artifacts belong to a flow run
         create_link_artifact(link=mlflow_run_url(config, experiment_id, run_id), link_text=f"MLflow run {run_id}",
                              key="mlflow-run", description=f"MLflow parent run of pipeline {config.name!r}")
@@ -255,6 +288,7 @@ def rlhf_pipeline(config_path: str, overrides: list[str] | None = None) -> Pipel
     pointers: dict[str, StagePointer] = {}
     try:
         pointers = run_dag(env)
+        log_headline_metrics(env, pointers.get("evaluate"))
         policy = pointers.get(config.algorithm)
         registered = None
         if policy is not None and policy.model_uri is not None:  # nothing to register without a logged model

@@ -218,7 +218,8 @@ class PipelineConfig(_Strict):
     """A whole RLHF pipeline: base model, data, stages, hyper-parameters, tracking and orchestration."""
 
     name: str = Field(min_length=1)
-    """Pipeline name: MLflow parent-run name and the `rlhf.pipeline` tag."""
+    """Pipeline name: the `rlhf.pipeline` tag, and the start of the MLflow parent-run name
+    (`<name>-<algorithm>-<UTC time>`)."""
     base_model: str = TINY_BASE
     """Local HF model directory, a hub name, or `tiny` (build the offline tiny Llama into the work dir)."""
     algorithm: Literal["ppo", "dpo"] = "dpo"

@@ -24,6 +24,20 @@ if TYPE_CHECKING:  # the config object is passed in; its type lives in schemas/,
     from schemas.config import PipelineConfig
 
 log = logging.getLogger(__name__)
+STARTED, REUSED = "started", "reused"
+
+
+def announce(stage: str, event: str, detail: str) -> None:
+    """`Stage <stage> <event>: <detail>` on the Prefect task run's log (the Prefect UI shows it; `rlhf run` turns
+    it into its start line), or on this module's logger outside a Prefect run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:
+        logger = log
+    logger.info("Stage %s %s: %s", stage, event, detail)
 
 
 @dataclass(frozen=True)
@@ -108,12 +122,14 @@ def run_stage(
             reason = caching.stale_reason(cached, client)
             if reason is None and env.config.cache.enabled:
                 pointer = cached.model_copy(update={"reused": True, "resumed_from_step": None})
+                announce(stage, REUSED, f"MLflow run {cached.run_id} (cache key {key[:12]})")
                 record_on_parent(env, pointer)
                 return pointer
             log.warning("stage %s: not reusing %s (%s); rerunning", stage, cached.run_id,
                         reason or "cache disabled")
             caching.clear_stage(directory)
         tagged = {**(lineage or {}), **upstream}
+        announce(stage, STARTED, f"cache key {key[:12]}")
         pointer = _execute(env, client, stage, key, directory, stage_config, data, tagged, execute,
                            extra_tags or {})
         caching.write_pointer(directory, pointer)

@@ -32,6 +32,10 @@ PACKAGE = "rlhf-pipeline"
 SOURCE_PACKAGES = ("rlhf_core", "schemas", "tasks")
 MODEL_ARTIFACT = "model"
 MAX_PARAM_LENGTH = 6000
+# MLflow 3's UI opens an experiment on its kind: "custom_model_development" ("Machine learning") shows the runs
+# table; without the tag it may guess "genai_development" and open on the GenAI traces overview instead.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,17 +92,21 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created with `artifact_location` if it does not exist (a deleted experiment
-    of that name is restored)."""
+    of that name is restored), marked as a model-training experiment (`mlflow.experimentKind`) so the MLflow UI
+    opens on its runs table — existing experiments too."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             # Another pipeline created it in between.
             experiment = client.get_experiment_by_name(name)
             assert experiment is not None
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

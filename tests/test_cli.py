@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from test_lineage import DIGESTS, NEVER_WRITTEN, build_store
 from typer.testing import CliRunner
@@ -43,7 +45,57 @@ def test_run_help_lists_config_and_overrides(runner: CliRunner) -> None:
     assert result.exit_code == 0
     assert "Usage: rlhf run" in result.output and "Pipeline YAML" in result.output
     assert "--set" in result.output and "Override one config key" in result.output
-    assert "--tracking-uri" in result.output
+    assert "--tracking-uri" in result.output and "--verbose" in result.output
+
+
+TINY_STAGE = {"batch_size": 4, "max_prompt_len": 48, "max_response_len": 32}
+
+
+@pytest.mark.slow
+def test_run_without_a_terminal_shows_stage_lines_progress_lines_and_the_result_but_no_library_info(
+    tmp_path: Path,
+) -> None:
+    """`rlhf run` as its own process, its output a pipe (not a terminal), on a tiny pipeline (~40 s)."""
+    data = REPO / "data" / "support_bot"
+    config = {
+        "name": "quiet", "base_model": "tiny", "algorithm": "dpo", "work_dir": str(tmp_path / "runs"),
+        "datasets": {
+            "demonstrations": {"path": str(data / "demonstrations.jsonl"), "limit": 24},
+            "preferences": {"path": str(data / "preferences.jsonl"), "limit": 24},
+            "prompts_train": {"path": str(data / "prompts_train.jsonl"), "limit": 8},
+            "prompts_eval": {"path": str(data / "prompts_eval.jsonl"), "limit": 4},
+            "eval_fraction": 0.25},
+        "sft": {**TINY_STAGE, "max_steps": 3}, "reward_model": {**TINY_STAGE, "max_steps": 3},
+        "dpo": {**TINY_STAGE, "max_steps": 2},
+        "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4},
+        "lengths": {"allow_truncation": True},
+        "tracking": {"experiment_name": "quiet", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, **WIDE, "PREFECT_HOME": str(tmp_path / "prefect")}
+    for name in ("PREFECT_API_URL", "MLFLOW_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        env.pop(name, None)
+
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    out, err = proc.stdout, proc.stderr
+    # No INFO records of MLflow (database set-up, system metrics) or Prefect (server, task states).
+    assert not [line for line in (out + err).splitlines() if re.search(r"\bINFO\b", line)], out + err
+    stages = ["validate", "sft", "reward_model", "dpo", "evaluate"]
+    for i, stage in enumerate(stages, start=1):
+        assert f"[{i}/5] ▶ {stage} started" in out and f"[{i}/5] ✔ {stage} completed in " in out, out
+    # The trainers' progress: plain lines on stderr instead of bars (no terminal).
+    for stage, steps in (("sft", 3), ("rm", 3), ("dpo", 2)):
+        assert re.search(rf"^{stage}: step {steps}/{steps} \(100%\), \w+=[-0-9.]+, \d+ s elapsed$", err, re.M), err
+    assert "\r" not in err  # no bar redrawn in place
+    # The evaluation table at the end.
+    table = out.split("result")[-1]
+    assert "gold ± s.e." in table and re.search(r"^sft\s", table, re.M) and re.search(r"^policy\s", table, re.M)
+    # The lines a user sees: the header, one per stage start and end, the where-to-look block, the table.
+    assert len(out.splitlines()) < 45, out
 
 
 def test_run_rejects_a_bad_config_key_before_running(runner: CliRunner, tmp_path: Path) -> None:
@@ -246,6 +298,83 @@ def test_lineage_exit_codes_name_the_problem(runner: CliRunner, store, tmp_path:
     result = runner.invoke(app, ["lineage", orphan, "--tracking-uri", uri], env=WIDE)
     assert result.exit_code == 2
     assert f"incomplete lineage: upstream 'sft': run {NEVER_WRITTEN} not found" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store with pipeline parent runs written the way `flows.pipeline` writes them, plus a stage run."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('cli_runs') / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    quick, other = client.create_experiment("quickstart"), client.create_experiment("other")
+    t0 = 1_796_000_000_000  # ms since the epoch
+
+    def parent(exp: str, name: str, algorithm: str, start: int, metrics: dict[str, float], end: int | None,
+               tags: dict[str, str] | None = None) -> str:
+        run = client.create_run(exp, run_name=name, start_time=start, tags={
+            "rlhf.kind": "pipeline", "rlhf.algorithm": algorithm, **(tags or {})})
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value, step=0)
+        if end is not None:
+            client.set_terminated(run.info.run_id, end_time=end)
+        return run.info.run_id
+
+    parent(quick, "quickstart-dpo-20261205-090000", "dpo", t0, {
+        "eval/gold_score": 1.554, "eval/win_rate_gold": 0.8, "eval/rm_score": 0.31, "eval/win_rate_rm": 0.7,
+        "eval/kl_to_ref": 6.43, "eval/response_length": 21.25, "eval/no_eos_fraction": 0.03}, t0 + 45_000,
+        {"rlhf.registered_model": "rlhf-policy/1", "rlhf.promoted": "true"})
+    parent(quick, "quickstart-ppo-20261205-091000", "ppo", t0 + 600_000,
+           {"eval/gold_score": 1.42, "eval/win_rate_gold": 0.76, "eval/kl_to_ref": 2.3}, t0 + 700_000)
+    parent(quick, "quickstart-ppo-20261205-092000", "ppo", t0 + 1_200_000, {}, None)  # still running
+    client.create_run(quick, run_name="dpo", tags={"rlhf.kind": "stage", "rlhf.stage": "dpo"})
+    parent(other, "other-dpo-20261205-080000", "dpo", t0 - 3_600_000, {"eval/win_rate_gold": 0.55}, t0)
+    return uri
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    """The cells of each pipeline run's row (columns are at least two spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if "-20261205-" in line]
+
+
+def test_runs_lists_an_experiments_pipeline_runs_newest_first_with_their_evaluation(runner: CliRunner,
+                                                                                     pipeline_runs: str) -> None:
+    result = runner.invoke(app, ["runs", "--experiment", "quickstart", "--tracking-uri", pipeline_runs], env=WIDE)
+
+    assert result.exit_code == 0, result.output
+    assert "run  status  algo  started UTC  took  gold  gold win  RM win  KL  no EOS" in re.sub(
+        r" {2,}", "  ", result.output)
+    # Newest first; not the other experiment's run, not the stage run.
+    assert _table_rows(result.output) == [
+        ["quickstart-ppo-20261205-092000", "RUNNING", "ppo", "11-30 01:13", "–", "–", "–", "–", "–", "–"],
+        ["quickstart-ppo-20261205-091000", "FINISHED", "ppo", "11-30 01:03", "100s", "1.42", "0.76", "–", "2.30", "–"],
+        ["quickstart-dpo-20261205-090000", "FINISHED", "dpo", "11-30 00:53", "45s", "1.55", "0.80", "0.70", "6.43",
+         "0.03"],
+    ]
+
+
+def test_runs_limit_wide_every_experiment_and_an_unknown_one(runner: CliRunner, pipeline_runs: str) -> None:
+    newest = runner.invoke(app, ["runs", "-n", "1", "--experiment", "quickstart", "--wide",
+                                 "--tracking-uri", pipeline_runs], env=WIDE)
+    assert newest.exit_code == 0, newest.output
+    [row] = _table_rows(newest.output)
+    assert row[0] == "quickstart-ppo-20261205-092000" and len(row) == 14 and re.fullmatch("[0-9a-f]{32}", row[-1])
+
+    wide = runner.invoke(app, ["runs", "--wide", "--tracking-uri", pipeline_runs], env=WIDE)
+    assert wide.exit_code == 0, wide.output
+    rows = _table_rows(wide.output)
+    assert [r[0] for r in rows] == ["quickstart-ppo-20261205-092000", "quickstart-ppo-20261205-091000",
+                                    "quickstart-dpo-20261205-090000", "other-dpo-20261205-080000"]
+    assert rows[2][5:13] == ["1.55", "0.80", "0.31", "0.70", "6.43", "21.2", "0.03", "rlhf-policy v1 (champion)"]
+    assert "experiments other, quickstart" in wide.output
+
+    unknown = runner.invoke(app, ["runs", "--experiment", "nope", "--tracking-uri", pipeline_runs], env=WIDE)
+    assert unknown.exit_code == 1
+    assert unknown.stderr.strip() == ("error: no experiment 'nope' in this store "
+                                      "(experiments: Default, other, quickstart)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ KILLED by the pipeline itself; killed outright (SIGKILL) it is closed as KILLED 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,3 +122,46 @@ def test_the_next_start_closes_the_parent_run_of_a_sigkilled_pipeline(
     finally:
         alive.kill()
         alive.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the parent run shows in the MLflow runs table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_experiment_opens_on_the_runs_table_new_or_existing(tmp_path: Path) -> None:
+    """MLflow 3's UI opens an experiment by its `mlflow.experimentKind`: a pipeline's experiment is a model
+    training one, whether the pipeline created it or found it made earlier without the tag."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    old = client.create_experiment("made-before")
+
+    assert tracking.ensure_experiment(client, "made-before", None) == old
+    created = tracking.ensure_experiment(client, "new", None)
+
+    for experiment_id in (old, created):
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize(("algorithm", "setting"), [("dpo", "dpo.dpo_beta"), ("ppo", "ppo.kl_coef")])
+def test_the_parent_run_is_named_with_algorithm_and_time_and_carries_key_settings_and_eval_metrics(
+    config_path: Path, algorithm: str, setting: str
+) -> None:
+    from flows.pipeline import finish_pipeline, log_headline_metrics, start_pipeline_run
+    from tasks.pointers import StagePointer
+
+    config = load_config(config_path, [f"algorithm={algorithm}"])
+    env = start_pipeline_run(config)
+    evaluation = StagePointer(stage="evaluate", cache_key="k", run_id="r",
+                              metrics={"eval/win_rate_gold": 0.75, "eval/kl_to_ref": 0.5, "eval/gold_score": 1.5})
+    log_headline_metrics(env, evaluation)
+    finish_pipeline(env, {}, "FINISHED")
+
+    run = _client(config_path).get_run(env.parent_run_id)
+    assert re.fullmatch(rf"parent-runs-{algorithm}-\d{{8}}-\d{{6}}", run.info.run_name)
+    params = run.data.params
+    assert params["algorithm"] == algorithm and params["base_model"] == "tiny"
+    assert params[setting] == str(getattr(getattr(config, algorithm), setting.split(".")[1]))
+    for stage in ("sft", "reward_model", algorithm):
+        assert params[f"{stage}.max_steps"] == str(getattr(config, stage).max_steps)
+    assert run.data.metrics == evaluation.metrics

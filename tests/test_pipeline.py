@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,14 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     assert parent.data.tags["prefect.flow_run_id"] == first.flow_run_id
     assert parent.info.status == "FINISHED"
     assert [a.path for a in project.client.list_artifacts(first.parent_run_id)] == ["pipeline_config.yaml"]
+    # The runs table tells pipelines apart: named by algorithm and UTC start, key settings and the policy's
+    # evaluation on the parent run, in an experiment MLflow's UI opens on its runs table.
+    assert re.fullmatch(r"test-pipeline-dpo-\d{8}-\d{6}", parent.info.run_name)
+    assert parent.data.params["dpo.dpo_beta"] == "0.1" and parent.data.params["dpo.max_steps"] == "2"
+    assert parent.data.metrics == first.stages["evaluate"].metrics
+    assert {"eval/gold_score", "eval/win_rate_gold", "eval/rm_score", "eval/kl_to_ref"} <= parent.data.metrics.keys()
+    experiment = project.client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     children = {r.data.tags["rlhf.stage"]: r for r in project.stage_runs()}
     assert sorted(children) == sorted(STAGES)
     for stage, run in children.items():

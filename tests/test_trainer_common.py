@@ -352,3 +352,26 @@ def test_throughput_and_memory_meters() -> None:
 def test_train_state_round_trips_through_json() -> None:
     state = TrainState(step=7, position=DataPosition(2, 5), extra={"a": [1, 2]})
     assert TrainState.from_json(state.to_json()) == state
+
+
+def test_without_a_terminal_the_progress_bar_is_a_plain_line_every_tenth_of_the_steps() -> None:
+    import io
+
+    from rlhf_core.trainers.common import PlainProgress, progress_bar
+
+    out = io.StringIO()
+    bar = PlainProgress(total=25, initial=0, desc="sft", stream=out)
+    for step in range(1, 26):
+        bar.set_postfix({"loss": f"{1 / step:.4f}"})  # as the trainers do: the step's metric, then the step
+        bar.update(1)
+    bar.close()
+
+    lines = out.getvalue().splitlines()
+    # A stride of 3 steps (a tenth of 25, rounded up): steps 3, 6, …, 24, then the last step on close.
+    assert [line.split(",")[0] for line in lines] == [f"sft: step {n}/25 ({100 * n / 25:.0f}%)"
+                                                      for n in (*range(3, 25, 3), 25)]
+    assert "loss=0.3333" in lines[0] and "about" in lines[0] and " s left" in lines[0]
+    assert "loss=0.0400" in lines[-1] and "left" not in lines[-1]
+    # Pytest's captured stderr is no terminal: an enabled bar is the plain one, a disabled one stays silent.
+    assert isinstance(progress_bar(10, 0, "dpo", True), PlainProgress)
+    assert progress_bar(10, 0, "dpo", False).disable

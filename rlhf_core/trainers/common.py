@@ -38,6 +38,7 @@ from rlhf_core.trainers.data_order import DataPosition, EpochPermutationSampler,
 from rlhf_core.trainers.loop import Stage, all_keys, evaluate, fit  # noqa: F401
 from rlhf_core.trainers.session import (  # noqa: F401
     NonFiniteLossError,
+    PlainProgress,
     Session,
     ThroughputMeter,
     all_reduce_sum,

@@ -128,8 +128,8 @@ def fit(
         meter.update(int(step_metrics.pop("tokens")))
         maybe_checkpoint(session)
         metrics = {f"{stage.name}/{k}": v for k, v in step_metrics.items()}
-        bar.update(1)
         bar.set_postfix({stage.key_metric: f"{step_metrics[stage.key_metric]:.4f}"})
+        bar.update(1)
         done = state.step == config.max_steps
         if state.step % config.log_every == 0 or done:
             metrics[f"{stage.name}/tokens_per_sec"] = meter.rate()

@@ -580,8 +580,8 @@ def run_ppo(
             "ppo/peak_memory_mb": peak_memory_mb(device),
             **{f"ppo/time_{k}": v for k, v in timings.items()},
         })
-        bar.update(1)
         bar.set_postfix({"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
+        bar.update(1)
         done = state.step == config.max_steps
         if state.step % config.log_every == 0 or done:
             session.log(metrics)
