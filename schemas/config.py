@@ -204,6 +204,58 @@ class PrefectSettings(_Strict):
         return out
 
 
+LAUNCHABLE_STAGES: tuple[str, ...] = ("sft", "reward_model", "dpo")
+
+
+class StageLaunchSettings(_Strict):
+    """How one training stage's trainer is started (unset: the pipeline-wide value of `launch`)."""
+
+    backend: Literal["accelerate", "ray"] | None = None
+    """`accelerate`: `accelerate launch` on this machine (or the machines of `config_file`); `ray`: Ray Train
+    workers on the Ray cluster at `ray_address`."""
+    processes: int | None = Field(default=None, ge=1)
+    """Data-parallel processes (ranks). `batch_size` stays per process: the global batch is
+    `batch_size × grad_accum_steps × processes` (halve `batch_size` when doubling `processes` to keep the
+    update). With `accelerate` and 1 the trainer runs inside the task's own process, as before."""
+    config_file: str | None = None
+    """An accelerate config file (FSDP, DeepSpeed, several machines), passed to `accelerate launch
+    --config_file`; its content enters the cache key. `processes` still sets `--num_processes`."""
+    ray_address: str | None = None
+    """Address of the Ray cluster (`host:port` of `ray start --head`; None: `auto`, the cluster this machine
+    belongs to). Not in the cache key: where a stage runs does not change what it computes."""
+    gpus_per_process: float | None = Field(default=None, ge=0)
+    """Ray: GPUs each worker asks for (0: CPU workers and the gloo backend; > 0: nccl). accelerate uses the
+    GPUs it sees (`CUDA_VISIBLE_DEVICES`)."""
+
+
+class LaunchSettings(StageLaunchSettings):
+    """How the training stages (sft, reward_model, dpo) start their trainers: in the task's own process (the
+    default), on N processes of this machine with `accelerate launch`, or on a Ray cluster (docs/deployment.md).
+    Whatever the launch, the task alone writes the stage's MLflow run: rank 0 streams its metrics back."""
+
+    backend: Literal["accelerate", "ray"] = "accelerate"
+    """`accelerate`: `accelerate launch` on this machine (or the machines of `config_file`); `ray`: Ray Train
+    workers on the Ray cluster at `ray_address`."""
+    processes: int = Field(default=1, ge=1)
+    """Data-parallel processes (ranks); `batch_size` stays per process (global batch = `batch_size ×
+    grad_accum_steps × processes`). With `accelerate` and 1, the trainer runs inside the task's process."""
+    gpus_per_process: float = Field(default=0.0, ge=0)
+    """Ray: GPUs each worker asks for (0: CPU workers, gloo; > 0: nccl)."""
+    stages: dict[Literal["sft", "reward_model", "dpo"], StageLaunchSettings] = {}
+    """Per-stage overrides, e.g. `{sft: {processes: 4}, dpo: {backend: ray, processes: 8}}`."""
+
+    def for_stage(self, stage: str) -> StageLaunchSettings:
+        """The settings of `stage`, its own values first; the pipeline-wide ones apply to launchable stages
+        only (other stages always run in the task's process)."""
+        if stage not in LAUNCHABLE_STAGES:
+            return StageLaunchSettings(backend="accelerate", processes=1)
+        base = self.model_dump(exclude={"stages"})
+        own = self.stages.get(stage)  # type: ignore[call-overload]
+        if own is not None:
+            base.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return StageLaunchSettings(**base)
+
+
 class CacheSettings(_Strict):
     """Stage caching (see `tasks/caching.py`)."""
 
@@ -256,6 +308,9 @@ class PipelineConfig(_Strict):
     """MLflow tracking and registry."""
     prefect: PrefectSettings = PrefectSettings()
     """Prefect task timeouts and retries."""
+    launch: LaunchSettings = LaunchSettings()
+    """Where the training stages run: in the task's process, on N processes (`accelerate launch`) or on a Ray
+    cluster."""
     cache: CacheSettings = CacheSettings()
     """Stage caching."""
 

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rlhf_core.trainers.dpo import train_dpo
+from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import DataRef, StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
@@ -33,10 +34,11 @@ def dpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer) -> Stage
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = preference_pairs(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_dpo(config, sft.model_dir, preference_pairs(data["preference_train"]), eval_rows,
-                           run.output_dir, run.logger)
+        result = train_launched(env, "dpo", train_dpo, config, sft.model_dir,
+                                preference_pairs(data["preference_train"]), eval_rows, run)
         return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
                             resumed_from_step=result.resumed_from_step, curves=CURVES)
 
-    return run_stage(env, "dpo", stage_config=config, data=data, upstream={"sft": sft},
+    key_config = stage_key_config(config, env.config.launch.for_stage("dpo"))
+    return run_stage(env, "dpo", stage_config=key_config, data=data, upstream={"sft": sft},
                      lineage={"validate": validated, "reference": sft}, execute=execute)

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from rlhf_core.lengths import measure_lengths, merge_stats
 from rlhf_core.trainers.reward import train_reward_model
+from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
@@ -36,10 +37,11 @@ def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = read_rows(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_reward_model(config, sft.model_dir, read_rows(data["preference_train"]),
-                                    eval_rows, run.output_dir, run.logger)
+        result = train_launched(env, "reward_model", train_reward_model, config, sft.model_dir,
+                                read_rows(data["preference_train"]), eval_rows, run)
         return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
                             resumed_from_step=result.resumed_from_step, curves=CURVES)
 
-    return run_stage(env, "reward_model", stage_config=config, data=data, upstream=upstream,
+    key_config = stage_key_config(config, env.config.launch.for_stage("reward_model"))
+    return run_stage(env, "reward_model", stage_config=key_config, data=data, upstream=upstream,
                      lineage={"validate": validated}, execute=execute)

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rlhf_core.trainers.sft import train_sft
+from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import StagePointer
 from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
@@ -23,11 +24,12 @@ def sft_task(env: StageEnv, validated: StagePointer, base: StagePointer) -> Stag
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = read_rows(data["sft_eval"]) if "sft_eval" in data else []
-        result = train_sft(config, base.model_dir, read_rows(data["sft_train"]), eval_rows,
-                           run.output_dir, run.logger)
+        result = train_launched(env, "sft", train_sft, config, base.model_dir, read_rows(data["sft_train"]),
+                                eval_rows, run)
         return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
                             resumed_from_step=result.resumed_from_step, curves=("sft/loss", "sft/eval_loss"))
 
-    return run_stage(env, "sft", stage_config=config, data=data, upstream={"base": base},
+    key_config = stage_key_config(config, env.config.launch.for_stage("sft"))
+    return run_stage(env, "sft", stage_config=key_config, data=data, upstream={"base": base},
                      lineage={"validate": validated}, execute=execute,
                      extra_tags={"rlhf.base_model": env.config.base_model})
