@@ -18,8 +18,8 @@ What comes back, in the spec's `launch_dir` (a shared filesystem when the ranks 
     rank-<r>.error    the traceback of a rank that raised, for the task's error message
 
 A worker exits by itself within a second when the task process that launched it is gone
-(`RLHF_LAUNCH_PARENT_PID`, `host:pid`, watched on that host only): a SIGKILLed pipeline must not leave ranks
-training, and writing checkpoints, into a stage directory its next run resumes from.
+(`RLHF_LAUNCH_PARENT_PID`, `host:pid`, watched on that host only) or its launcher is: a SIGKILLed pipeline must
+not leave ranks training, and writing checkpoints, into a stage directory its next run resumes from.
 """
 
 from __future__ import annotations
@@ -140,20 +140,27 @@ def run_spec(spec: LaunchSpec) -> TrainResult:
     return result
 
 
-def _exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
-    """Daemon thread: end this process (no cleanup: nothing of it is wanted) once `parent_pid` is gone."""
+def _exit_with_parents(task_pid: int | None, interval_s: float = 0.5) -> None:
+    """Daemon thread: end this process (no cleanup: nothing of it is wanted) once the launching task
+    (`task_pid`, on this host) is gone, or once this process's own parent (the launcher) is gone — torchrun
+    starts each rank in a session of its own, so a killed launcher's process group does not include them."""
+    launcher = os.getppid()
 
     def watch() -> None:
         while True:
             time.sleep(interval_s)
+            if os.getppid() != launcher:  # re-parented: the launcher died
+                os._exit(3)
+            if task_pid is None:
+                continue
             try:
-                os.kill(parent_pid, 0)
+                os.kill(task_pid, 0)
             except ProcessLookupError:
                 os._exit(3)
             except PermissionError:  # alive, owned by another user
                 continue
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-parents", daemon=True).start()
 
 
 def run_rank(spec_path: str | Path) -> None:
@@ -163,8 +170,8 @@ def run_rank(spec_path: str | Path) -> None:
     launch_dir = Path(spec.launch_dir)
     (launch_dir / f"rank-{rank()}.pid").write_text(str(os.getpid()))
     host, _, pid = os.environ.get(PARENT_PID_ENV, "").rpartition(":")
-    if pid and host == socket.gethostname():  # a pid means nothing on another machine (a Ray cluster)
-        _exit_with_parent(int(pid))
+    # A pid means nothing on another machine (a Ray cluster).
+    _exit_with_parents(int(pid) if pid and host == socket.gethostname() else None)
     try:
         run_spec(spec)
     except BaseException:

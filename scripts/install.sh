@@ -21,5 +21,6 @@ LOCK=(-c requirements/constraints-cpu.txt)
 pip_install --upgrade pip
 # shellcheck disable=SC2086
 pip_install ${LOCK[@]+"${LOCK[@]}"} ${TORCH_SPEC:-torch==2.13.0}
-pip_install ${LOCK[@]+"${LOCK[@]}"} -e ".[dev${EXTRAS:+,$EXTRAS}]"
+# `ray`: the Ray launch backend, which tests/test_launch.py runs against a local cluster (~240 MB installed).
+pip_install ${LOCK[@]+"${LOCK[@]}"} -e ".[dev,ray${EXTRAS:+,$EXTRAS}]"
 python -c "import torch, transformers, prefect, mlflow; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| prefect', prefect.__version__, '| mlflow', mlflow.__version__)"

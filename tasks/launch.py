@@ -159,22 +159,38 @@ def _supervise(stage: str, settings: StageLaunchSettings, command: list[str], la
 
 def failure_message(stage: str, settings: StageLaunchSettings, launch_dir: Path, returncode: int,
                     tail: Sequence[str]) -> str:
-    """`stage sft failed on 2 processes (accelerate): rank 1 …` + the end of the failing rank's traceback, or
-    of the launcher's log."""
+    """`stage sft failed on 2 processes (accelerate, exit code 1): rank 1 was killed by SIGKILL` (or `rank 1
+    raised ValueError: …` and the end of its traceback), then the end of the launcher's log.
+
+    The rank to blame is torchrun's root cause (the first rank that failed: the others then fail too, on a
+    closed connection, or are stopped by the launcher); without one (Ray), the lowest rank that wrote an error."""
     head = f"stage {stage} failed on {settings.processes} processes ({settings.backend}, exit code {returncode})"
-    errors = sorted(launch_dir.glob("rank-*.error"))
-    if errors:
-        rank = errors[0].stem.split("-", 1)[1]
-        lines = errors[0].read_text().rstrip().splitlines()
-        return f"{head}: rank {rank} raised {lines[-1]}\n" + "\n".join(lines[-TAIL_LINES:])
-    text = "\n".join(tail)
-    died = re.search(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", text)
-    if died:
-        code = int(died.group(2))
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+    log_tail = f"--- last lines of {launch_dir / LOG_FILE} ---\n" + "\n".join(tail)
+    rank, code = _root_cause(launch_dir / LOG_FILE)
+    errors = {int(p.stem.split("-", 1)[1]): p for p in launch_dir.glob("rank-*.error")}
+    if rank is None and errors:
+        rank = min(errors)
+    if rank in errors:
+        lines = errors[rank].read_text().rstrip().splitlines()
+        return f"{head}: rank {rank} raised {lines[-1]}\n" + "\n".join(lines[-TAIL_LINES:]) + "\n" + log_tail
+    if rank is not None and code is not None:
+        how = f"was killed by {signal.Signals(-code).name}" if -code in set(signal.Signals) \
             else f"exited with code {code}"
-        head += f": rank {died.group(1)} {how}"
-    return f"{head}\n--- last lines of {launch_dir / LOG_FILE} ---\n{text}"
+        head += f": rank {rank} {how}"
+    return f"{head}\n{log_tail}"
+
+
+def _root_cause(log_path: Path) -> tuple[int | None, int | None]:
+    """(rank, exit code) of torchrun's "Root Cause (first observed failure)" in the launch log, or (None, None)."""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 16384))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None, None
+    _, found, cause = text.rpartition("Root Cause")
+    match = re.search(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", cause) if found else None
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
 def _read_result(stage: str, settings: StageLaunchSettings, launch_dir: Path) -> TrainResult:
