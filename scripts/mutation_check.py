@@ -78,6 +78,13 @@ MUTATIONS = (
     Mutation("reward-model guard: an RM at chance accepted", "rlhf_core/guards.py",
              "    if accuracy < min_accuracy:", "    if accuracy < 0:",
              ("tests/test_ppo_trainer.py::test_refuses_a_reward_model_at_chance",)),
+    Mutation("launch: left out of the cache key", "tasks/launch.py",
+             'return config if key is None else {**asdict(config), "launch": key}', "return config",
+             ("tests/test_launch_settings.py",)),
+    Mutation("launch: each rank seeds its own data order", "rlhf_core/launch_worker.py",
+             "config = config_from_dict(config_cls, spec.config)",
+             'config = config_from_dict(config_cls, {**spec.config, "seed": spec.config["seed"] + rank()})',
+             ("tests/test_launch.py::test_two_accelerate_processes_follow_the_one_process_curves",)),
 )
 
 

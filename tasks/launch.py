@@ -129,6 +129,10 @@ def launch_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     env[PARENT_PID_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine: no oversubscription of its cores
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():  # `rlhf run` turned transformers' bars off: in the ranks too
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     return env
 
 
