@@ -24,9 +24,9 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python -m venv "$VIRTUAL_ENV" && python -m pip install -q --upgrade pip
 
 WORKDIR /app
-# Dependencies first (a layer that survives code edits): torch, then the locked project dependencies.
+# torch in a layer of its own (the largest download; it survives code edits), then the project with its locked
+# dependencies.
 COPY requirements/ requirements/
-# shellcheck disable=SC2086
 RUN python -m pip install -q -c requirements/constraints-cpu.txt $TORCH_SPEC
 COPY pyproject.toml README.md ./
 COPY rlhf_core/ rlhf_core/

@@ -8,9 +8,10 @@ Given the tiny test pipeline (validate → sft → dpo, `test_pipeline.pipeline_
   (the task's; no rank writes MLflow) with its launch as params, and the launch is part of its cache key;
 - when one rank of a 2-process SFT is SIGKILLed mid-stage, then the pipeline fails with an error naming the
   stage and the rank, the stage has no pointer (not complete) and its MLflow run is FAILED;
-- when a real pipeline process (`python -m flows.pipeline`) is SIGKILLed with its process group during that
-  2-process SFT, then no rank survives it, and the next run resumes SFT from its checkpoint and ends with the
-  weights of the uninterrupted 2-process run.
+- when a real pipeline process (`python -m flows.pipeline`) is SIGKILLed with its process group once that
+  2-process SFT wrote a checkpoint, then no rank survives it (the launcher has a group of its own: the ranks
+  watch the task's process), and the next run resumes SFT from that checkpoint and ends with the weights of the
+  uninterrupted 2-process run.
 
 The tests share one module's work dirs and run in file order.
 """
@@ -200,10 +201,9 @@ def rank_pids(root: Path, work: str) -> dict[int, int]:
     return {int(Path(p).stem.split("-")[1]): int(Path(p).read_text()) for p in found}
 
 
-def training(root: Path, work: str) -> bool:
-    """Both ranks of the current launch started and rank 0 logged a step (the launch dir is new per launch)."""
-    metrics = glob.glob(str(root / work / "stages" / "sft-*" / "launch" / "metrics.jsonl"))
-    return len(rank_pids(root, work)) == 2 and bool(metrics) and Path(metrics[0]).stat().st_size > 0
+def newest_checkpoint(root: Path, work: str) -> int:
+    """The step of the newest complete SFT checkpoint in `work` (0: none)."""
+    return max((int(Path(m).parent.name.split("-")[1]) for m in sft_checkpoints(root, work)), default=0)
 
 
 def alive(pid: int) -> bool:
@@ -254,14 +254,17 @@ def test_a_killed_two_process_stage_resumes_to_the_uninterrupted_weights(
         root: Path, two_processes: PipelineResult, prefect_api: str) -> None:
     config = launch_config(root, "killed", {"processes": 2})
 
-    # Given a real pipeline process, SIGKILLed with its process group once its 2-process SFT (resumed from the
-    # checkpoint the dead rank's run left) logged a step.
+    before = newest_checkpoint(root, "killed")  # left by the dead rank's run, if it ran first
+
+    # Given a real pipeline process, SIGKILLed with its process group once its 2-process SFT wrote a checkpoint.
     proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", str(config), *ONLY_SFT], cwd=REPO,
                             env=clean_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        wait_for(lambda: training(root, "killed") or proc.poll() is not None, 240, "the 2 ranks' first step")
-        assert proc.poll() is None, "the pipeline ended before SFT trained"
+        wait_for(lambda: newest_checkpoint(root, "killed") > before or proc.poll() is not None, 240,
+                 "a new SFT checkpoint")
+        assert proc.poll() is None, "the pipeline ended before SFT wrote a checkpoint"
+        killed_at = newest_checkpoint(root, "killed")
         pids = rank_pids(root, "killed")
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -274,8 +277,8 @@ def test_a_killed_two_process_stage_resumes_to_the_uninterrupted_weights(
     result = rlhf_pipeline(str(config), ONLY_SFT)
     pointer = result.stages["sft"]
     assert pointer.cache_key == two_processes.stages["sft"].cache_key
-    print(f"SFT resumed from step {pointer.resumed_from_step} of {SFT_STEPS}")
-    assert pointer.resumed_from_step is not None and 0 < pointer.resumed_from_step < SFT_STEPS
+    print(f"SFT killed after its step-{killed_at} checkpoint, resumed from step {pointer.resumed_from_step}")
+    assert pointer.resumed_from_step is not None and killed_at <= pointer.resumed_from_step < SFT_STEPS
     tags = MlflowClient(tracking_uri=result.tracking_uri).get_run(pointer.run_id).data.tags
     assert tags["rlhf.resumed_from_step"] == str(pointer.resumed_from_step)
 
