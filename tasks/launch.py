@@ -10,8 +10,9 @@ output goes to `launch/launch.log` and is echoed to this process's stderr (the t
 as they come. Workers never touch MLflow.
 
 When this task stops (Prefect timeout, Ctrl-C, an error) the launcher's process group is terminated, then
-killed. When this process is SIGKILLed the ranks notice within a second and exit (`RLHF_LAUNCH_PARENT_PID`), so
-the next run resumes the stage from its newest checkpoint with no stray rank still writing into it.
+killed. When this process (or the launcher) is SIGKILLed the ranks notice within a second and exit
+(`rlhf_core.launch_worker`), so the next run resumes the stage from its newest checkpoint with no stray rank still
+writing into it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def launch_key(settings: StageLaunchSettings) -> dict[str, Any] | None:
         return None
     config_digest = None
     if settings.config_file is not None:
+        if not Path(settings.config_file).is_file():
+            raise LaunchError(f"launch.config_file {settings.config_file}: no such file (relative paths are relative "
+                              f"to {Path.cwd()})")
         config_digest = "sha256:" + hashlib.sha256(Path(settings.config_file).read_bytes()).hexdigest()
     return {"backend": settings.backend, "processes": settings.processes,
             "gpus_per_process": settings.gpus_per_process if settings.backend == "ray" else None,

@@ -20,7 +20,7 @@ from rlhf_core.launch_worker import LaunchSpec, config_from_dict, trainers
 from rlhf_core.trainers.config import LoRAConfig
 from schemas.config import ConfigError, parse_config
 from tasks.caching import cache_key
-from tasks.launch import in_process, launch_key, launcher_command, stage_key_config
+from tasks.launch import LaunchError, in_process, launch_key, launcher_command, stage_key_config
 
 
 def config(launch: dict) -> dict:
@@ -59,6 +59,9 @@ def test_the_launch_enters_the_cache_key_only_out_of_process(tmp_path: Path) -> 
     before = launch_key(with_file)
     accelerate_config.write_text("distributed_type: DEEPSPEED\n")
     assert before != launch_key(with_file) != launch_key(settings["two"])
+    accelerate_config.unlink()
+    with pytest.raises(LaunchError, match=r"launch\.config_file .*fsdp\.yaml: no such file"):
+        launch_key(with_file)
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo"])
