@@ -3,7 +3,8 @@
 Given `deploy/kubernetes-gpu-job-template.json` (the work pool's base job template) and the `smollm2-dpo-gpu`
 deployment of `prefect.yaml`:
 - when the pool is created on a real Prefect server (its test harness), then the server accepts the template
-  (it checks that every `{{ variable }}` of the job configuration is declared);
+  (it checks that every `{{ variable }}` of the job configuration is declared), and the deployment with its job
+  variables (checked against the template's variable schema; a negative GPU count is refused);
 - when Prefect renders the Kubernetes job of a flow run from the template and the deployment's job variables
   (`BaseJobConfiguration.from_template_and_values`, what a worker does), then the pod runs the deployment's image
   in the Dockerfile's working directory, asks for the GPUs the stages' `launch.processes` use, mounts the `runs/`
@@ -16,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.workers.base import BaseJobConfiguration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +64,19 @@ def test_the_gpu_deployment_renders_a_kubernetes_job_with_its_gpus_image_and_vol
     spec = deployment()
     variables = spec["work_pool"]["job_variables"]
 
-    # The server accepts the template as a Kubernetes pool's base job template.
+    # The server accepts the template as a Kubernetes pool's base job template, and the deployment on that pool
+    # (it checks the job variables against the template's variable schema: types, minimums, enums).
+    pool = f"{spec['work_pool']['name']}-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="rlhf-k8s-gpu-test", type="kubernetes",
-                                               base_job_template=template))
-        stored = client.read_work_pool("rlhf-k8s-gpu-test").base_job_template
-    assert stored == template
+        client.create_work_pool(WorkPoolCreate(name=pool, type="kubernetes", base_job_template=template))
+        assert client.read_work_pool(pool).base_job_template == template
+        flow_id = client.create_flow_from_name("rlhf-pipeline")
+        deployment_id = client.create_deployment(flow_id, spec["name"], work_pool_name=pool,
+                                                 entrypoint=spec["entrypoint"], parameters=spec["parameters"],
+                                                 job_variables=variables, pull_steps=spec["pull"])
+        assert client.read_deployment(deployment_id).job_variables == variables
+        with pytest.raises(PrefectHTTPStatusError, match="422"):  # a variable the template forbids is refused
+            client.create_deployment(flow_id, "negative-gpus", work_pool_name=pool, job_variables={"gpus": -1})
 
     job = render(template, variables)
     pod = job.job_manifest["spec"]["template"]["spec"]
