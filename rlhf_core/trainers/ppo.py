@@ -203,6 +203,8 @@ class PPOConfig(TrainerConfig):
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_prompt_len=self.max_prompt_len,
             kl_estimator=self.kl_estimator, gamma=self.gamma, gae_lambda=self.gae_lambda,
             missing_eos_score=self.missing_eos_score, score_norm=self.score_norm, score_clip=self.score_clip,
+            # bf16/fp16: π_old from the same full forward pass the updates run (docs/pitfalls.md §1)
+            old_logprobs="sampler" if self.mixed_precision == "no" else "forward",
         )
 
 
@@ -289,10 +291,13 @@ def ppo_iteration(run: PPORun, prompts: Sequence, iteration: int) -> tuple[dict[
     session, config = run.session, run.session.config
     rank, timings = session.accelerator.process_index, {}
     kl_coef = run.kl_controller.value
-    # 1. Experience: sample, critic values, reference log-probs, scores, KL-penalised rewards, GAE.
-    experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, run.models.reference,
-                                 run.scorer, run.models.tokenizer, prompts, config.experience_config(), kl_coef,
-                                 run.moments, seed=iteration_seed(config.seed, iteration, rank, 0), timings=timings)
+    # 1. Experience: sample, critic values, reference log-probs, scores, KL-penalised rewards, GAE. Under the
+    # same autocast as the updates, so with bf16 π_old is the distribution the first update sees (ratio 1).
+    with session.accelerator.autocast():
+        experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, run.models.reference,
+                                     run.scorer, run.models.tokenizer, prompts, config.experience_config(),
+                                     kl_coef, run.moments, seed=iteration_seed(config.seed, iteration, rank, 0),
+                                     timings=timings)
     rollout = mean_over_processes(session.accelerator, experience_metrics(experience))
     rollout["no_eos_penalized_fraction"] = rollout["no_eos_fraction"] if config.missing_eos_score is not None \
         else 0.0
@@ -426,9 +431,10 @@ def run_ppo(
     def evaluate() -> dict[str, float]:
         if not eval_prompts:
             return {}
-        return evaluate_on_prompts(accelerator, session.unwrapped.pretrained_model, models.reference, run.scorer,
-                                   models.tokenizer, eval_prompts, config.experience_config(), config.seed,
-                                   config.eval_batch_size or config.batch_size, "ppo")
+        with accelerator.autocast():
+            return evaluate_on_prompts(accelerator, session.unwrapped.pretrained_model, models.reference,
+                                       run.scorer, models.tokenizer, eval_prompts, config.experience_config(),
+                                       config.seed, config.eval_batch_size or config.batch_size, "ppo")
 
     metrics = train_loop(session, "ppo", step, evaluate)
     # HF causal-LM layout (LoRA merged into a copy) + the value head file or the critic + the tokenizer.
