@@ -11,8 +11,8 @@ import torch
 from rlhf_core.group_advantages import (
     aggregate,
     aggregation_units,
-    grpo_advantages,
     group_policy_loss,
+    grpo_advantages,
     k3_kl,
     kl_penalized_scores,
     rloo_advantages,
