@@ -128,25 +128,31 @@ class Experience:
         return self.response_ids.shape[0]
 
     def select(self, indices: torch.Tensor | Sequence[int]) -> Experience:
-        """The rows `indices` as a smaller `Experience` (a minibatch), with the padding columns no selected row
-        uses dropped (leading prompt pads, trailing response pads), so a minibatch of short responses is
-        cheap. Columns are only removed where every selected row is padding, so no value changes."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.response_ids.device)
-        prompt_used = self.prompt_attention_mask[index].bool().any(0)
-        first_prompt_col = int(prompt_used.nonzero()[0]) if bool(prompt_used.any()) else 0
-        response_len = max(int(self.response_mask[index].sum(1).max()), 1)
-        picked: dict[str, torch.Tensor] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)[index]
-            if f.name.startswith("prompt_"):
-                value = value[:, first_prompt_col:]
-            elif value.dim() == 2:
-                value = value[:, :response_len]
-            picked[f.name] = value
-        return Experience(**picked)
+        """The rows `indices` as a smaller `Experience` (a minibatch; `select_rows`)."""
+        return select_rows(self, indices)
 
     def to(self, device: torch.device | str) -> Experience:
         return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def select_rows(batch: Any, indices: torch.Tensor | Sequence[int]) -> Any:
+    """The rows `indices` of a dataclass of row-first tensors with `prompt_*` (left-padded) and `response_mask`
+    fields, as a new one of its type, with the padding columns no selected row uses dropped (leading prompt
+    pads, trailing columns of every `[B, T]` response tensor), so a minibatch of short responses is cheap.
+    Columns are only removed where every selected row is padding, so no value changes."""
+    index = torch.as_tensor(indices, dtype=torch.long, device=batch.response_ids.device)
+    prompt_used = batch.prompt_attention_mask[index].bool().any(0)
+    first_prompt_col = int(prompt_used.nonzero()[0]) if bool(prompt_used.any()) else 0
+    response_len = max(int(batch.response_mask[index].sum(1).max()), 1)
+    picked: dict[str, torch.Tensor] = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)[index]
+        if f.name.startswith("prompt_"):
+            value = value[:, first_prompt_col:]
+        elif value.dim() == 2:
+            value = value[:, :response_len]
+        picked[f.name] = value
+    return type(batch)(**picked)
 
 
 class RunningMoments:
