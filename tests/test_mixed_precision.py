@@ -8,6 +8,7 @@ every log-softmax stay float32, so over a few steps the curves differ by far les
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,18 @@ def test_ppo_in_bf16_starts_at_ratio_one_and_kl_zero_and_follows_float32(tiny_mo
     # Same samples (same seeds) and scores as float32 at the first iteration, close policy losses after.
     assert bf16.series("ppo/score_mean")[0] == loggers["no"].series("ppo/score_mean")[0]
     assert bf16.series("ppo/policy_loss") == pytest.approx(loggers["no"].series("ppo/policy_loss"), abs=0.05)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_rl_in_bf16_starts_at_ratio_one_and_kl_zero(algorithm, tiny_model_dir, tmp_path):
+    from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
+
+    logger = ListLogger()
+    config = GRPOConfig(algorithm=algorithm, max_steps=2, batch_size=8, prompts_per_iteration=2,
+                        num_samples_per_prompt=4, max_new_tokens=12, missing_eos_score=None, learning_rate=1e-3,
+                        progress_bar=False, mixed_precision="bf16", reward_model_weight=0,
+                        reward_functions={GOLD: 1.0}, dead_signal="warn", max_prompt_len=None)
+    train_grpo(config, tiny_model_dir, None, PROMPTS, tmp_path, logger)
+    assert logger.series(f"{algorithm}/kl")[0] == 0.0
+    assert logger.series(f"{algorithm}/approx_kl")[0] == pytest.approx(0.0, abs=1e-7)
+    assert all(math.isfinite(v) for v in logger.series(f"{algorithm}/loss"))

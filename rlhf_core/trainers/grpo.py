@@ -27,9 +27,8 @@ process)`, so a resumed run follows the uninterrupted one exactly.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -56,38 +55,43 @@ from rlhf_core.group_advantages import (
     kl_penalized_scores,
     rloo_advantages,
 )
-from rlhf_core.guards import DeadSignalError, check_reward_model, reward_signal_problem
-from rlhf_core.lengths import Auto, resolve_from_rows, unresolved
+from rlhf_core.guards import check_reward_model
+from rlhf_core.lengths import resolve_from_rows, unresolved
 from rlhf_core.logprobs import response_forward
 from rlhf_core.models import disable_dropout, load_reward_model
 from rlhf_core.rewards import RewardScorer, build_scorer
 from rlhf_core.trainers.common import (
     EpochPermutationSampler,
     Session,
-    TrainerConfig,
     TrainResult,
     all_reduce_sum,
     apply_lora,
     backward_normalized,
-    check_length_limits,
     ensure_finite,
     freeze,
     make_accelerator,
-    maybe_checkpoint,
     peak_memory_mb,
-    progress_bar,
     save_final_model,
     set_seed,
     start_session,
 )
-from rlhf_core.trainers.ppo import apply_gradients, iteration_seed
+from rlhf_core.trainers.loop import StepOutcome, train_loop
+from rlhf_core.trainers.on_policy import (
+    OnPolicyConfig,
+    apply_gradients,
+    check_signal,
+    evaluate_on_prompts,
+    iteration_seed,
+    mean_over_processes,
+)
 
 Algorithm = Literal["grpo", "rloo"]
 
 
 @dataclass(frozen=True)
-class GRPOConfig(TrainerConfig):
-    """GRPO / RLOO hyper-parameters (plus the shared `TrainerConfig` fields; `max_steps` counts iterations)."""
+class GRPOConfig(OnPolicyConfig):
+    """GRPO / RLOO hyper-parameters (plus the shared `OnPolicyConfig` and `TrainerConfig` fields; `max_steps` counts
+    iterations)."""
 
     algorithm: Algorithm = "grpo"
     """Advantage estimator: "grpo" (group mean, ÷ group std unless `scale_by_std` is off) or "rloo" (mean of the
@@ -116,32 +120,9 @@ class GRPOConfig(TrainerConfig):
     loss_aggregation: LossAggregation = "token"
     """"token": mean over all tokens; "sequence": mean per response, then over responses (the GRPO paper);
     "constant": sum over tokens ÷ (responses × max_new_tokens) (Dr. GRPO). `group_advantages.aggregate`."""
-    max_new_tokens: int | Auto = 64
-    """Longest sampled response ("auto": from the demonstrations' lengths, resolved by the pipeline)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (the losses use the same tempered distribution)."""
-    max_prompt_len: int | Auto | None = "auto"
-    """Keep the last this-many prompt tokens (None: no limit; "auto": cover 95% of the prompts)."""
-    missing_eos_score: float | None = -1.0
-    """Score that replaces the reward of a response without EOS (None: no penalty)."""
-    reward_model_weight: float = 1.0
-    """Weight of the reward model's score in the reward (0: no reward model; then `reward_functions` alone)."""
-    reward_functions: dict[str, float] = field(default_factory=dict)
-    """`{"module:function": weight}`: functions `f(prompt, response_text) -> float` added to the reward (imports and
-    runs that code; `rlhf_core.rewards`)."""
-    dead_signal: Literal["raise", "warn"] = "raise"
-    """What to do when the first `dead_signal_iterations` carry no signal (every group's scores equal, or ≥ 90% of
-    responses cut before EOS): stop with the reason and the fix, or warn and go on."""
-    dead_signal_iterations: int = 2
-    """How many first iterations the dead-signal check looks at (0: no check)."""
-    min_reward_model_accuracy: float = 0.55
-    """Held-out pairwise accuracy below which the reward model counts as at chance (docs/pitfalls.md §2)."""
-    weak_reward_model: Literal["raise", "warn"] = "raise"
-    """What to do with a reward model below `min_reward_model_accuracy`: refuse to start, or warn."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_length_limits(self, "max_prompt_len", "max_new_tokens")
         if not unresolved(self):
             self.experience_config()  # validates the rollout fields
         if self.algorithm not in ("grpo", "rloo"):
@@ -157,21 +138,10 @@ class GRPOConfig(TrainerConfig):
         if self.loss_aggregation not in ("token", "sequence", "constant"):
             raise ValueError(f"loss_aggregation must be 'token', 'sequence' or 'constant', got "
                              f"{self.loss_aggregation!r}")
-        if self.dead_signal not in ("raise", "warn") or self.dead_signal_iterations < 0 \
-                or self.weak_reward_model not in ("raise", "warn"):
-            raise ValueError("need dead_signal and weak_reward_model in ('raise', 'warn'), dead_signal_iterations >= 0")
-        if self.reward_model_weight < 0 or any(":" not in spec for spec in self.reward_functions):
-            raise ValueError("need reward_model_weight >= 0 and reward_functions keys as 'module:function'")
-        if self.reward_model_weight == 0 and not self.reward_functions:
-            raise ValueError("reward_model_weight is 0 and there are no reward_functions: nothing to optimise")
 
     @property
     def rollouts_per_iteration(self) -> int:
         return self.prompts_per_iteration * self.num_samples_per_prompt
-
-    @property
-    def uses_reward_model(self) -> bool:
-        return self.reward_model_weight > 0
 
     def experience_config(self) -> ExperienceConfig:
         """The sampling and score-shaping settings (only the no-EOS penalty shapes scores here)."""
@@ -179,7 +149,8 @@ class GRPOConfig(TrainerConfig):
             raise ValueError(f"{self.algorithm} lengths {unresolved(self)} are 'auto': resolve them from the data "
                              "first (rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers")
         return ExperienceConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                max_prompt_len=self.max_prompt_len, missing_eos_score=self.missing_eos_score)
+                                max_prompt_len=self.max_prompt_len, missing_eos_score=self.missing_eos_score,
+                                old_logprobs=self.old_logprobs_source)
 
 
 @dataclass
@@ -192,7 +163,7 @@ class GroupRollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     old_logprobs: torch.Tensor
-    """`[B, T]` log π_old(a_t | s_t), the sampler's own."""
+    """`[B, T]` log π_old(a_t | s_t): the sampler's own, or the policy's full forward pass under mixed precision."""
     ref_logprobs: torch.Tensor
     """`[B, T]` log π_ref(a_t | s_t)."""
     advantages: torch.Tensor
@@ -229,6 +200,19 @@ def rollout_metrics(rollout: GenerationOutput, raw: torch.Tensor, scores: torch.
 
 
 @torch.no_grad()
+def policy_logprobs(actor: nn.Module, rollout: GenerationOutput, temperature: float) -> torch.Tensor:
+    """log π(a_t | s_t) `[B, T]` from one full forward pass over the rollout: the updates' own computation, used as
+    π_old under bf16/fp16, where the sampler's incremental decoding rounds differently (docs/pitfalls.md §1)."""
+    was_training = actor.training
+    actor.eval()
+    try:
+        return response_forward(actor, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
+                                rollout.response_mask, temperature).logprobs
+    finally:
+        actor.train(was_training)
+
+
+@torch.no_grad()
 def make_group_rollout(session: Session, reference: nn.Module | None, scorer: RewardScorer,
                        tokenizer: PreTrainedTokenizerBase, prompts: Sequence, config: GRPOConfig, seed: int,
                        timings: dict[str, float]) -> tuple[GroupRollout, dict[str, float]]:
@@ -239,16 +223,19 @@ def make_group_rollout(session: Session, reference: nn.Module | None, scorer: Re
     rollout = generate(actor, tokenizer, repeated, xcfg.sampling(seed), max_prompt_len=config.max_prompt_len)
     sampled = time.perf_counter()
     mask = rollout.response_mask
+    old_logprobs = rollout.logprobs if xcfg.old_logprobs == "sampler" else policy_logprobs(actor, rollout,
+                                                                                             config.temperature)
     ref = reference_logprobs(actor, reference, rollout, config.temperature)
     raw = scorer(repeated, rollout)
     scores = shape_scores(raw, rollout.ended_with_eos, xcfg)
     if config.kl_in == "reward" and config.kl_coef:
-        scores = kl_penalized_scores(scores, rollout.logprobs, ref, mask, config.kl_coef)
+        scores = kl_penalized_scores(scores, old_logprobs, ref, mask, config.kl_coef)
     timings.update(generation_s=sampled - started, scoring_s=time.perf_counter() - sampled)
-    kl = sequence_kl(rollout.logprobs - ref, mask)  # [B] k1 per response
+    kl = sequence_kl(old_logprobs - ref, mask)  # [B] k1 per response
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
     batch = GroupRollout(rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids, mask,
-                         rollout.logprobs, torch.where(mask.bool(), ref, zero), group_advantages(scores, config))
+                         torch.where(mask.bool(), old_logprobs, zero), torch.where(mask.bool(), ref, zero),
+                         group_advantages(scores, config))
     return batch, rollout_metrics(rollout, raw, scores, kl, k)
 
 
@@ -294,48 +281,6 @@ def policy_update(session: Session, batch: GroupRollout, config: GRPOConfig, see
                 totals[key] = totals.get(key, 0.0) + value
             updates += 1
     return {key: value / updates for key, value in totals.items()}
-
-
-@torch.no_grad()
-def evaluate_on_prompts(session: Session, reference: nn.Module | None, scorer: RewardScorer,
-                        tokenizer: PreTrainedTokenizerBase, prompts: Sequence, config: GRPOConfig) -> dict[str, float]:
-    """One sample per held-out prompt (the same seeds at every evaluation): reward before shaping, per-response
-    KL to the reference, length and no-EOS share, as `<algorithm>/eval_*`."""
-    accelerator, actor, xcfg = session.accelerator, session.unwrapped, config.experience_config()
-    shard = list(prompts)[accelerator.process_index :: accelerator.num_processes]
-    sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "no_eos": 0.0, "count": 0.0}
-    size = config.eval_batch_size or config.batch_size
-    for i, start in enumerate(range(0, len(shard), size)):
-        chunk = shard[start : start + size]
-        seed = iteration_seed(config.seed, i, accelerator.process_index, 2)
-        rollout = generate(actor, tokenizer, chunk, xcfg.sampling(seed), max_prompt_len=config.max_prompt_len)
-        ref = reference_logprobs(actor, reference, rollout, config.temperature)
-        sums["score"] += float(scorer(chunk, rollout).sum())
-        sums["kl"] += float(sequence_kl(rollout.logprobs - ref, rollout.response_mask).sum())
-        sums["length"] += float(rollout.response_mask.sum())
-        sums["no_eos"] += float((~rollout.ended_with_eos).sum())
-        sums["count"] += len(chunk)
-    sums = all_reduce_sum(accelerator, sums)
-    n, name = max(sums["count"], 1.0), config.algorithm
-    return {f"{name}/eval_score_mean": sums["score"] / n, f"{name}/eval_kl": sums["kl"] / n,
-            f"{name}/eval_response_length": sums["length"] / n, f"{name}/eval_no_eos_fraction": sums["no_eos"] / n}
-
-
-def check_signal(config: GRPOConfig, session: Session, rollout: dict[str, float], iteration: int) -> None:
-    """After the first `dead_signal_iterations`, stop (or warn) when none carried a signal: with group baselines
-    the signal is the spread of scores *within* groups, so that spread stands in for the score std."""
-    seen = session.state.extra.setdefault("early_rollouts", [])
-    seen.append({"no_eos_fraction": rollout["no_eos_fraction"], "shaped_score_mean": rollout["shaped_score_mean"],
-                 "shaped_score_std": rollout["group_score_std"]})
-    if iteration + 1 < config.dead_signal_iterations:
-        return
-    problem = reward_signal_problem(seen, config.missing_eos_score, int(config.max_new_tokens))
-    if problem is None:
-        return
-    message = f"{config.algorithm.upper()} cannot learn: {problem} (set grpo.dead_signal: warn to train anyway)"
-    if config.dead_signal == "raise":
-        raise DeadSignalError(message)
-    warnings.warn(message, stacklevel=2)
 
 
 @dataclass
@@ -403,54 +348,53 @@ def train_grpo(
     if reference is not None:
         reference.to(device)
     session = start_session(config, accelerator, models.policy.to(device), output_dir, logger)
-    state = session.state
     if rm_accuracy is not None:
         session.log({f"{name}/rm_eval_accuracy": rm_accuracy})
     prompts = [row["prompt"] for row in prompt_rows]
     eval_prompts = [row["prompt"] for row in eval_prompt_rows or []]
     sampler = EpochPermutationSampler(len(prompts), config.seed)
-    bar = progress_bar(config.max_steps, state.step, name, config.progress_bar and accelerator.is_main_process)
-    last: dict[str, float] = {}
-    while state.step < config.max_steps:
+
+    def step(log_now: bool) -> StepOutcome:
+        state = session.state
         iteration, started, timings = state.step, time.perf_counter(), {}
-        # 1. Sample K responses per prompt, score them, advantages relative to each prompt's group.
+        # 1. Sample K responses per prompt, score them, advantages relative to each prompt's group (under the
+        #    updates' autocast, so bf16 samples the policy the updates see).
         indices, state.position = sampler.take(state.position, config.prompts_per_iteration)
         batch_prompts = [prompts[i] for i in indices[rank :: accelerator.num_processes]]
-        batch, rollout = make_group_rollout(session, reference, scorer, tokenizer, batch_prompts, config,
-                                            iteration_seed(config.seed, iteration, rank, 0), timings)
-        rollout = {k: v / accelerator.num_processes for k, v in all_reduce_sum(accelerator, rollout).items()}
+        with accelerator.autocast():
+            batch, rollout = make_group_rollout(session, reference, scorer, tokenizer, batch_prompts, config,
+                                                iteration_seed(config.seed, iteration, rank, 0), timings)
+        rollout = mean_over_processes(accelerator, rollout)
         ensure_finite(session, rollout["score_mean"], "reward score")
         if iteration < config.dead_signal_iterations:
-            check_signal(config, session, rollout, iteration)
+            # With group baselines the signal is the spread of scores *within* groups.
+            check_signal(config, state, {**rollout, "shaped_score_std": rollout["group_score_std"]}, iteration,
+                         name, section="grpo")
         # 2. Epochs of clipped updates on the rollouts.
         update_started = time.perf_counter()
         update = policy_update(session, batch, config, iteration_seed(config.seed, iteration, rank, 1))
-        timings["update_s"] = time.perf_counter() - update_started
-        # 3. Advance the schedule, count the iteration, checkpoint, log, evaluate.
-        learning_rate = session.scheduler.get_last_lr()[0]
+        # 3. Advance the schedule and count the iteration.
+        update["learning_rate"] = session.scheduler.get_last_lr()[0]
         session.scheduler.step()
         state.step += 1
-        maybe_checkpoint(session)
+        timings["update_s"] = time.perf_counter() - update_started
         elapsed = time.perf_counter() - started
         tokens = all_reduce_sum(accelerator, {"t": float(batch.response_mask.sum())})["t"]
         metrics = {f"{name}/{k}": v for k, v in {**rollout, **update}.items()}
-        metrics.update({f"{name}/learning_rate": learning_rate, f"{name}/tokens_per_sec": tokens / elapsed,
+        metrics.update({f"{name}/tokens_per_sec": tokens / elapsed,
                         f"{name}/samples_per_sec": config.rollouts_per_iteration / elapsed,
                         f"{name}/peak_memory_mb": peak_memory_mb(device),
                         **{f"{name}/time_{k}": v for k, v in timings.items()}})
-        bar.set_postfix({"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
-        bar.update(1)
-        done = state.step == config.max_steps
-        if state.step % config.log_every == 0 or done:
-            session.log(metrics)
-            last = metrics
-        if eval_prompts and config.eval_every and state.step % config.eval_every == 0 and not done:
-            session.log(evaluate_on_prompts(session, reference, scorer, tokenizer, eval_prompts, config))
-    bar.close()
-    final_eval = evaluate_on_prompts(session, reference, scorer, tokenizer, eval_prompts, config) \
-        if eval_prompts else {}
-    if final_eval:
-        session.log(final_eval)
+        return StepOutcome(metrics, {"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
+
+    def evaluate() -> dict[str, float]:
+        if not eval_prompts:
+            return {}
+        with accelerator.autocast():
+            return evaluate_on_prompts(accelerator, session.unwrapped, reference, scorer, tokenizer, eval_prompts,
+                                       config.experience_config(), config.seed,
+                                       config.eval_batch_size or config.batch_size, name)
+
+    metrics = train_loop(session, name, step, evaluate)
     model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)
-    return TrainResult(model_dir=model_dir, metrics={**last, **final_eval},
-                       resumed_from_step=session.resumed_from_step)
+    return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from_step=session.resumed_from_step)

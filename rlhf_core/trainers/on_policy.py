@@ -1,12 +1,13 @@
-"""What on-policy RL trainers share beyond the training loop: per-iteration seeds, the gradient step of an
-update whose schedule advances per iteration, the held-out evaluation of the sampling policy, and the
-dead-signal check of the first rollouts."""
+"""What the on-policy RL trainers (PPO, GRPO/RLOO) share beyond the training loop: the settings of sampling and
+reward (`OnPolicyConfig`), per-iteration seeds, the gradient step of an update whose schedule advances per
+iteration, the held-out evaluation of the sampling policy, and the dead-signal check of the first rollouts."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,9 +18,63 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_core.experience import ExperienceConfig, reference_logprobs, sequence_kl
 from rlhf_core.generation import generate
 from rlhf_core.guards import DeadSignalError, reward_signal_problem
+from rlhf_core.lengths import Auto
 from rlhf_core.rewards import RewardScorer
+from rlhf_core.trainers.config import TrainerConfig, check_length_limits
 from rlhf_core.trainers.session import Session, all_reduce_sum, ensure_finite
 from rlhf_core.trainers.state import TrainState
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig(TrainerConfig):
+    """Sampling and reward settings of every on-policy trainer (plus the shared `TrainerConfig` fields)."""
+
+    max_new_tokens: int | Auto = 64
+    """Longest sampled response ("auto": from the demonstrations' lengths, resolved by the pipeline,
+    `rlhf_core.lengths`)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the losses use the same tempered distribution)."""
+    max_prompt_len: int | Auto | None = "auto"
+    """Keep the last this-many prompt tokens (None: no limit; "auto": cover 95% of the prompts)."""
+    missing_eos_score: float | None = -1.0
+    """Score that replaces the reward of a response without EOS (None: no penalty)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score in the reward (0: no reward model; then `reward_functions` alone)."""
+    reward_functions: dict[str, float] = field(default_factory=dict)
+    """`{"module:function": weight}`: functions `f(prompt, response_text) -> float` added to the reward (imports and
+    runs that code; `rlhf_core.rewards`)."""
+    dead_signal: Literal["raise", "warn"] = "raise"
+    """What to do when the first `dead_signal_iterations` rollouts carry no reward signal (scores all equal, or
+    ≥ 90% of responses cut before EOS): stop with the reason and the fix, or warn and go on."""
+    dead_signal_iterations: int = 2
+    """How many first iterations the dead-signal check looks at (0: no check)."""
+    min_reward_model_accuracy: float = 0.55
+    """Held-out pairwise accuracy below which the reward model counts as at chance (docs/pitfalls.md §2)."""
+    weak_reward_model: Literal["raise", "warn"] = "raise"
+    """What to do with a reward model below `min_reward_model_accuracy`: refuse to start, or warn."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_length_limits(self, "max_prompt_len", "max_new_tokens")
+        if self.dead_signal not in ("raise", "warn") or self.dead_signal_iterations < 0:
+            raise ValueError("need dead_signal in ('raise', 'warn') and dead_signal_iterations >= 0")
+        if self.weak_reward_model not in ("raise", "warn"):
+            raise ValueError(f"weak_reward_model must be 'raise' or 'warn', got {self.weak_reward_model!r}")
+        if self.reward_model_weight < 0:
+            raise ValueError(f"reward_model_weight must be >= 0, got {self.reward_model_weight}")
+        if any(":" not in spec for spec in self.reward_functions):
+            raise ValueError(f"reward_functions keys must be 'module:function', got {list(self.reward_functions)}")
+        if self.reward_model_weight == 0 and not self.reward_functions:
+            raise ValueError("reward_model_weight is 0 and there are no reward_functions: nothing to optimise")
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model_weight > 0
+
+    @property
+    def old_logprobs_source(self) -> Literal["sampler", "forward"]:
+        """In float32 π_old is the sampler's own; under bf16/fp16 the updates' full forward pass (docs/pitfalls.md §1)."""
+        return "sampler" if self.mixed_precision == "no" else "forward"
 
 
 def iteration_seed(seed: int, iteration: int, process_index: int, purpose: int) -> int:
@@ -90,10 +145,11 @@ def evaluate_on_prompts(
             f"{prefix}/eval_no_eos_fraction": sums["no_eos"] / n}
 
 
-def check_signal(config: Any, state: TrainState, rollout: dict[str, float], iteration: int, stage: str) -> None:
+def check_signal(config: OnPolicyConfig, state: TrainState, rollout: dict[str, float], iteration: int, name: str,
+                 section: str | None = None) -> None:
     """Keep the first iterations' rollout metrics in the (checkpointed) state; after the last of them, stop or
-    warn when none carried a reward signal (`guards.reward_signal_problem`). `config` has `dead_signal`,
-    `dead_signal_iterations`, `missing_eos_score` and `max_new_tokens`; `stage` names its config section."""
+    warn when none carried a reward signal (`guards.reward_signal_problem`). `name` is the algorithm, `section`
+    its config section (default: `name`)."""
     seen = state.extra.setdefault("early_rollouts", [])
     seen.append({k: rollout[k] for k in ("no_eos_fraction", "shaped_score_mean", "shaped_score_std")})
     if iteration + 1 < config.dead_signal_iterations:
@@ -101,7 +157,7 @@ def check_signal(config: Any, state: TrainState, rollout: dict[str, float], iter
     problem = reward_signal_problem(seen, config.missing_eos_score, int(config.max_new_tokens))
     if problem is None:
         return
-    message = f"{stage.upper()} cannot learn: {problem} (set {stage}.dead_signal: warn to train anyway)"
+    message = f"{name.upper()} cannot learn: {problem} (set {section or name}.dead_signal: warn to train anyway)"
     if config.dead_signal == "raise":
         raise DeadSignalError(message)
     warnings.warn(message, stacklevel=2)

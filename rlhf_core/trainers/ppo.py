@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -53,14 +53,15 @@ from rlhf_core.experience import (
 )
 from rlhf_core.guards import check_reward_model
 from rlhf_core.kl_control import KLController, make_kl_controller
-from rlhf_core.lengths import Auto, resolve_from_rows, unresolved
+from rlhf_core.lengths import resolve_from_rows, unresolved
 from rlhf_core.logprobs import response_forward
 from rlhf_core.losses import entropy_from_logits, ppo_policy_loss, ppo_total_loss, value_loss, whiten
 from rlhf_core.rewards import RewardScorer, build_scorer
-from rlhf_core.trainers.config import TrainerConfig, TrainResult, check_length_limits
+from rlhf_core.trainers.config import TrainResult
 from rlhf_core.trainers.data_order import EpochPermutationSampler
 from rlhf_core.trainers.loop import StepOutcome, train_loop
 from rlhf_core.trainers.on_policy import (
+    OnPolicyConfig,
     apply_gradients,
     check_signal,
     evaluate_on_prompts,
@@ -83,8 +84,9 @@ CriticKind = Literal["shared", "separate"]
 
 
 @dataclass(frozen=True)
-class PPOConfig(TrainerConfig):
-    """PPO hyper-parameters (plus the shared `TrainerConfig` fields; `max_steps` counts PPO iterations)."""
+class PPOConfig(OnPolicyConfig):
+    """PPO hyper-parameters (plus the shared `OnPolicyConfig` and `TrainerConfig` fields; `max_steps` counts PPO
+    iterations)."""
 
     max_steps: int = 100
     """Number of PPO iterations (one rollout batch + `ppo_epochs` of updates each)."""
@@ -119,15 +121,6 @@ class PPOConfig(TrainerConfig):
     """Adaptive KL control towards this per-response KL (None: β stays at `kl_coef`)."""
     kl_horizon: float = 10000.0
     """Horizon (in episodes) of the adaptive KL controller."""
-    max_new_tokens: int | Auto = 64
-    """Longest sampled response ("auto": from the demonstrations' lengths, resolved by the pipeline,
-    `rlhf_core.lengths`)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (the losses use the same tempered distribution)."""
-    max_prompt_len: int | Auto | None = "auto"
-    """Keep the last this-many prompt tokens (None: no limit; "auto": cover 95% of the prompts)."""
-    missing_eos_score: float | None = -1.0
-    """Score that replaces the RM's for a response without EOS (None: no penalty)."""
     score_norm: ScoreNorm = "none"
     """Running normalisation of RM scores: "none", "std" (s/σ) or "mean_std" ((s − μ)/σ)."""
     score_clip: float | None = None
@@ -137,27 +130,12 @@ class PPOConfig(TrainerConfig):
     value_learning_rate: float | None = None
     """Peak learning rate of the critic-only parameters (the value head, or the separate critic); None: 20 × the
     policy's `learning_rate`. A fresh value head starts from nothing while the policy should barely move: at the
-    policy's rate it cannot follow the returns within a run (docs/pitfalls.md, "A critic that never learns")."""
+    policy's rate it cannot follow the returns within a run (docs/pitfalls.md §11)."""
     value_warmup_iterations: int = 2
     """First iterations that update only the critic (value head, or the separate critic); the policy waits."""
-    reward_model_weight: float = 1.0
-    """Weight of the reward model's score in the reward (0: no reward model; then `reward_functions` alone)."""
-    reward_functions: dict[str, float] = field(default_factory=dict)
-    """`{"module:function": weight}`: functions `f(prompt, response_text) -> float` added to the reward (imports and
-    runs that code; `rlhf_core.rewards`)."""
-    dead_signal: Literal["raise", "warn"] = "raise"
-    """What to do when the first `dead_signal_iterations` rollouts carry no reward signal (scores all equal, or
-    ≥ 90% of responses cut before EOS): stop with the reason and the fix, or warn and go on."""
-    dead_signal_iterations: int = 2
-    """How many first iterations the dead-signal check looks at (0: no check)."""
-    min_reward_model_accuracy: float = 0.55
-    """Held-out pairwise accuracy below which the reward model counts as at chance (docs/pitfalls.md §2)."""
-    weak_reward_model: Literal["raise", "warn"] = "raise"
-    """What to do with a reward model below `min_reward_model_accuracy`: refuse to start, or warn."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_length_limits(self, "max_prompt_len", "max_new_tokens")
         if not unresolved(self):
             self.experience_config()  # validates the rollout fields
         minibatch = self.batch_size * self.grad_accum_steps
@@ -172,28 +150,13 @@ class PPOConfig(TrainerConfig):
             raise ValueError("need kl_coef >= 0, and target_kl > 0 with kl_coef > 0 for adaptive control")
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}")
-        if self.value_warmup_iterations < 0 or self.weak_reward_model not in ("raise", "warn"):
-            raise ValueError("need value_warmup_iterations >= 0 and weak_reward_model in ('raise', 'warn')")
-        self._check_reward_fields()
-
-    def _check_reward_fields(self) -> None:
-        if self.dead_signal not in ("raise", "warn") or self.dead_signal_iterations < 0:
-            raise ValueError("need dead_signal in ('raise', 'warn') and dead_signal_iterations >= 0")
-        if self.reward_model_weight < 0:
-            raise ValueError(f"reward_model_weight must be >= 0, got {self.reward_model_weight}")
-        if any(":" not in spec for spec in self.reward_functions):
-            raise ValueError(f"reward_functions keys must be 'module:function', got {list(self.reward_functions)}")
-        if self.reward_model_weight == 0 and not self.reward_functions:
-            raise ValueError("reward_model_weight is 0 and there are no reward_functions: nothing to optimise")
+        if self.value_warmup_iterations < 0:
+            raise ValueError(f"value_warmup_iterations must be >= 0, got {self.value_warmup_iterations}")
         if self.reward_model_weight == 0 and self.critic == "separate":
             raise ValueError("critic='separate' starts the critic from the reward model: it needs "
                              "reward_model_weight > 0")
         if self.value_learning_rate is not None and not self.value_learning_rate > 0:
             raise ValueError(f"value_learning_rate must be > 0 or None, got {self.value_learning_rate}")
-
-    @property
-    def uses_reward_model(self) -> bool:
-        return self.reward_model_weight > 0
 
     def experience_config(self) -> ExperienceConfig:
         if unresolved(self):
@@ -203,8 +166,7 @@ class PPOConfig(TrainerConfig):
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_prompt_len=self.max_prompt_len,
             kl_estimator=self.kl_estimator, gamma=self.gamma, gae_lambda=self.gae_lambda,
             missing_eos_score=self.missing_eos_score, score_norm=self.score_norm, score_clip=self.score_clip,
-            # bf16/fp16: π_old from the same full forward pass the updates run (docs/pitfalls.md §1)
-            old_logprobs="sampler" if self.mixed_precision == "no" else "forward",
+            old_logprobs=self.old_logprobs_source,
         )
 
 
