@@ -364,7 +364,9 @@ def test_the_mlflow_ui_lists_the_pipeline_runs_with_their_win_rates(project: Pro
     for run_id, (name, win_rate) in evaluated.items():
         assert run_id in shown, f"run {name} not in the runs table: {shown}"
         assert shown[run_id].get("name") == name
-        assert float(shown[run_id]["value"]) == pytest.approx(win_rate, rel=1e-6)
+        value = shown[run_id].get("value")
+        assert value not in (None, "", "-"), f"no {WIN_RATE} shown for run {name}: {shown[run_id]}"
+        assert float(value) == pytest.approx(win_rate, rel=1e-6)
 
 
 def test_invalid_data_stops_the_flow_before_any_training(project: Project) -> None:
