@@ -112,13 +112,19 @@ def prefect_flow_run(driver, prefect_url: str, auth: str, flow_run_id: str, out:
     from selenium.webdriver.common.by import By
 
     driver.get(f"{prefect_url}/login")
-    field = driver.find_element(By.CSS_SELECTOR, "input[type=password]")
+    field = wait_for(driver, "return document.querySelector('input[type=password]')", "the Prefect login page")
     field.send_keys(auth)
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait_for(driver, "return !location.pathname.startsWith('/login')", "the Prefect login")
     driver.get(f"{prefect_url}/runs/flow-run/{flow_run_id}")
     wait_for(driver, "return document.querySelector('canvas') && document.body.innerText.includes('evaluate')",
              "the flow run graph")
+    # Below the graph, the task runs with their state by name (Completed, or Cached for a reused stage).
+    tab = wait_for(driver, "return [...document.querySelectorAll('.p-tab, [role=tab]')]"
+                           ".find(e => e.innerText.trim() === 'Task Runs')", "the Task Runs tab")
+    tab.click()
+    wait_for(driver, "return (document.body.innerText.match(/\\b(Cached|Completed)\\b/g) || []).length > 3",
+             "the task runs' states")
     time.sleep(4)  # the graph animates its layout
     driver.save_screenshot(str(out))
 
@@ -139,6 +145,8 @@ def main() -> None:
     driver = chromium(args.window)
     try:
         mlflow_runs(driver, args.mlflow_url, args.experiment, args.out / "mlflow-runs.png")
+        width, height = (int(n) for n in args.window.split(","))
+        driver.set_window_size(width, height + 300)  # the graph, and the task-run list under it
         prefect_flow_run(driver, args.prefect_url, auth, flow_run_id, args.out / "prefect-flow-run.png")
     finally:
         driver.quit()
