@@ -10,7 +10,8 @@ Regenerate, from the repository root with the virtual environment active:
     rlhf run configs/quickstart.yaml                       # a DPO pipeline run
     rlhf run configs/quickstart.yaml --set algorithm=ppo   # and a PPO one, to compare
     bash scripts/serve_local.sh                            # Prefect + MLflow servers and a worker; triggers the
-                                                           # quickstart deployment (a third, cached, DPO run)
+                                                           # quickstart deployment: a DPO run that reuses (Cached)
+                                                           # what the runs above trained
     python scripts/screenshots.py                          # waits for that flow run to finish, then shoots
     bash scripts/serve_local.sh stop
 
