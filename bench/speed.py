@@ -1,4 +1,4 @@
-"""Speed and memory: our SFT, reward-model, DPO and PPO trainers against TRL, same model, data and batch shapes.
+"""Speed and memory: our SFT, reward-model, DPO, PPO and GRPO/RLOO trainers against TRL, same model, data and batch shapes.
 
     python bench/speed.py --model tiny --reps 3                      # quick
     python bench/speed.py --model smollm2 --reps 3 --out bench/RESULTS.md
@@ -14,6 +14,12 @@ bench/speed_workers.py`), full fine-tuning in float32:
                                  vs  trl.experimental.ppo.PPOTrainer (TRL 1.12)   episodes/s
     rloo  our train_ppo (shared critic, 1 epoch: one update per rollout)
                                  vs  trl.RLOOTrainer (TRL 1.16)       episodes/s
+    grpo_cf  our train_grpo (algorithm grpo: no critic, k3 KL in the loss, token-level loss)
+                                 vs  trl.GRPOTrainer (TRL 1.16)       samples/s
+    rloo_cf  our train_grpo (algorithm rloo: no critic, KL in the reward)
+                                 vs  trl.RLOOTrainer (TRL 1.16)       samples/s
+    (rloo, grpo_cf, rloo_cf: R = rollout_batch_size completions per iteration, R / k prompts × k = rloo_k samples,
+    one optimizer step over them in micro-batches of ppo_batch_size, the same RM as the reward, β = 0.05)
 
 Every repetition runs every pair, ours and TRL back to back (their order alternating between repetitions), so
 background load hits both sides alike; ratios are the median over repetitions of the per-repetition ratio. A
@@ -78,6 +84,9 @@ PAIRS = {
     "dpo": Pair("dpo", "ours_dpo", "trl_dpo", VENV_TRL, "pairs/s", "DPOTrainer (TRL 1.16)"),
     "ppo": Pair("ppo", "ours_ppo", "trl_ppo", VENV_TRL_PPO, "episodes/s", "PPOTrainer (TRL 1.12, experimental)"),
     "rloo": Pair("rloo", "ours_ppo", "trl_rloo", VENV_TRL, "episodes/s", "RLOOTrainer (TRL 1.16)"),
+    # Critic-free against critic-free: our GRPO/RLOO trainer (no value head) at TRL's shape.
+    "grpo_cf": Pair("grpo_cf", "ours_grpo", "trl_grpo", VENV_TRL, "samples/s", "GRPOTrainer (TRL 1.16)"),
+    "rloo_cf": Pair("rloo_cf", "ours_grpo", "trl_rloo", VENV_TRL, "samples/s", "RLOOTrainer (TRL 1.16)"),
 }
 
 
@@ -128,6 +137,8 @@ def stage_spec(stage: str, shapes: dict, model: Path, rm: Path, rows: dict, rep:
         # rollout batch, our default shared critic.
         spec.update(critic="separate", ppo_epochs=shapes["ppo_epochs"]) if stage == "ppo" else \
             spec.update(critic="shared", ppo_epochs=1)
+        if stage in ("grpo_cf", "rloo_cf"):  # the same rollout shape, K, lengths and micro-batch on both sides
+            spec["algorithm"] = stage.removesuffix("_cf")
     return spec
 
 
@@ -244,7 +255,7 @@ def summarize(run: dict) -> dict:
     return out
 
 
-TARGETS = {"sft": 1.2, "rm": None, "dpo": 2.0, "ppo": 2.0, "rloo": None}
+TARGETS = {"sft": 1.2, "rm": None, "dpo": 2.0, "ppo": 2.0, "rloo": None, "grpo_cf": 1.5, "rloo_cf": 1.5}
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -267,7 +278,7 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
     header = ["stage", "TRL peer", "unit", "ours", "TRL", "ours/TRL", "peak MiB ours / TRL", "mem ours/TRL",
               "whole call s ours / TRL", "reps"]
     lines = [markdown_table(header, rows)]
-    for stage in ("ppo", "rloo"):
+    for stage in ("ppo", "rloo", "grpo_cf", "rloo_cf"):
         if stage in run["stages"]:
             s = summary[stage]
             lines.append(f"\n{stage}: mean sampled response length ours {_fmt(s['ours_len'], 1)} tokens"

@@ -398,6 +398,79 @@ def trl_rloo(spec: dict, out: Path) -> dict:
             "response_length": sum(mean_len) / max(len(mean_len), 1)}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Critic-free: our GRPO/RLOO trainer vs TRL 1.16 GRPOTrainer / RLOOTrainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ours_grpo(spec: dict, out: Path) -> dict:
+    """Our `train_grpo` with TRL's shape: per iteration R completions (R / k prompts × k samples), one optimizer
+    step over them (micro-batches of `batch_size`), reward = the reward model, β = 0.05 (GRPO: k3 in the loss,
+    token-level mean as TRL's "dapo"; RLOO: KL in the reward, as TRL's RLOOTrainer)."""
+    import rlhf_core.trainers.grpo as grpo
+
+    lengths, inner = GenerationLengths(), grpo.generate
+
+    def recording_generate(*args: Any, **kwargs: Any) -> Any:
+        rollout = inner(*args, **kwargs)
+        lengths.widths.append(int(rollout.response_ids.shape[1]))
+        return rollout
+
+    grpo.generate = recording_generate
+    rollout, micro, k, algorithm = spec["rollout_batch_size"], spec["batch_size"], spec["rloo_k"], spec["algorithm"]
+    config = grpo.GRPOConfig(
+        algorithm=algorithm, seed=spec["seed"], max_steps=spec["steps"], batch_size=micro,
+        grad_accum_steps=rollout // micro, prompts_per_iteration=rollout // k, num_samples_per_prompt=k, epochs=1,
+        learning_rate=spec["learning_rate"], max_new_tokens=spec["max_new_tokens"], temperature=1.0, kl_coef=0.05,
+        kl_in="loss" if algorithm == "grpo" else "reward", loss_aggregation="token", max_prompt_len=None,
+        missing_eos_score=None, weak_reward_model="warn", min_reward_model_accuracy=0.0, dead_signal="warn",
+        progress_bar=False,
+    )
+    logger = ClockLogger(algorithm, lambda step, m: rollout)
+    start = time.perf_counter()
+    grpo.train_grpo(config, spec["model_path"], spec["rm_path"], spec["prompt_rows"], out, logger,
+                    reward_model_eval_accuracy=1.0)
+    wall = time.perf_counter() - start
+    mean_len = [m[f"{algorithm}/response_length"] for _, m in logger.records if f"{algorithm}/response_length" in m]
+    return {"rate": logger.clock.rate(), "wall_s": wall, "step_s": logger.clock.step_seconds(),
+            "decode_steps": lengths.mean(), "response_length": sum(mean_len) / max(len(mean_len), 1)}
+
+
+def trl_grpo(spec: dict, out: Path) -> dict:
+    """TRL 1.16's `GRPOTrainer` at `ours_grpo`'s shape: k3 KL in the loss (β = 0.05), advantages scaled by the
+    group std (`scale_rewards="group"`), token-level loss ("dapo"), one update per generation."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    rollout, micro, k = spec["rollout_batch_size"], spec["batch_size"], spec["rloo_k"]
+    data = Dataset.from_list([{"prompt": _messages(r["prompt"])} for r in spec["prompt_rows"]])
+    clock, logs = StepClock(), []
+    start = time.perf_counter()
+    policy = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["rm_path"], num_labels=1, dtype=torch.float32)
+    reward_tokenizer = AutoTokenizer.from_pretrained(spec["rm_path"])
+    args = GRPOConfig(
+        output_dir=str(out), max_steps=spec["steps"], per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rollout // micro, steps_per_generation=rollout // micro, num_generations=k,
+        num_iterations=1, max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
+        beta=0.05, scale_rewards="group", loss_type="dapo", learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_steps=1, seed=spec["seed"],
+        bf16=False, fp16=False, gradient_checkpointing=False, disable_tqdm=True, max_grad_norm=1.0,
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer,
+                          callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)])
+    trainer.train()
+    wall = time.perf_counter() - start
+    mean_len = [e["completions/mean_length"] for e in logs if "completions/mean_length" in e]
+    return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds(),
+            "response_length": sum(mean_len) / max(len(mean_len), 1)}
+
+
 def matmul_peak(spec: dict, out: Path) -> dict:
     """The machine's float32 matmul rate: `torch.matmul` of two n×n matrices, 2n³ FLOPs each; the best of
     `rounds` timings of `iters` products (TF32 off on CUDA, so it is a true float32 peak)."""
@@ -423,6 +496,7 @@ RUNNERS = {
     "matmul": matmul_peak,
     "ours_sft": ours_sft, "trl_sft": trl_sft, "ours_rm": ours_rm, "trl_rm": trl_rm, "ours_dpo": ours_dpo,
     "trl_dpo": trl_dpo, "ours_ppo": ours_ppo, "trl_ppo": trl_ppo, "trl_rloo": trl_rloo,
+    "ours_grpo": ours_grpo, "trl_grpo": trl_grpo,
 }
 
 

@@ -24,11 +24,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,18 +35,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.tree import Tree
 from typer.core import TyperGroup
 
-from rlhf_core.atomic import atomic_replace_dir
+from flows.model_store import ModelLookupFailed, ModelNotFound, mlflow_client, resolve_model_dir
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
-    from flows.lineage import LineageNode
+    pass
 
 MODEL_CACHE_ENV = "RLHF_MODEL_CACHE"
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 # Usage errors, `Exit` and `Abort` are the framework's own exits (it prints them). Found by name: typer vendors
 # click's exception classes in recent releases and re-exports click's in older ones.
@@ -150,94 +145,11 @@ def resolve_tracking_uri(option: str | None, config: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def mlflow_client(tracking_uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page on the MLflow server in use (None for a local store nothing serves: `rlhf ui` first)."""
     from tasks.tracking import run_url
 
     return run_url(tracking_uri, experiment_id, run_id)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Models: local directories or MLflow URIs, downloaded once into a cache
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _model_cache_key(uri: str, client: MlflowClient) -> tuple[str, str]:
-    """(cache sub-directory, URI to download) for an MLflow model URI.
-
-    An alias is resolved to its version first, so the cache never serves the old champion after the alias moved,
-    and the download cannot race a promotion. A registered version is downloaded from its source (`runs:/…`):
-    MLflow's `models:/` download asks the process-wide registry, not the one passed to it.
-    """
-    if match := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
-        name, alias = match.groups()
-        version = client.get_model_version_by_alias(name, alias).version
-        return f"models/{name}/v{version}", client.get_model_version_download_uri(name, version)
-    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
-        name, version = match.groups()
-        return f"models/{name}/v{version}", client.get_model_version_download_uri(name, version)
-    if match := re.fullmatch(r"runs:/([0-9a-zA-Z]+)/(.+)", uri):
-        run_id, path = match.groups()
-        return f"runs/{run_id}/{path.strip('/')}", uri
-    if match := re.fullmatch(r"models:/(m-[0-9a-f]+)", uri):
-        return f"logged/{match[1]}", uri
-    raise typer.BadParameter(
-        f"{uri!r} is neither an existing directory nor an MLflow model URI "
-        "(models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path>)"
-    )
-
-
-def find_hf_model_dir(root: Path) -> Path:
-    """The Hugging Face model directory inside `root` (itself, or e.g. `model/` of an MLflow model artifact).
-
-    Refuses pickle-format weights: only safetensors are loaded, since unpickling a downloaded file can run code.
-    """
-    candidates = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: (len(p.parts), str(p)))
-    for directory in candidates:
-        if any(directory.glob("*.safetensors")):
-            return directory
-    pickles = [str(p.relative_to(root)) for pattern in PICKLE_WEIGHTS for p in root.rglob(pattern)]
-    if pickles:
-        raise typer.BadParameter(f"{root} holds only pickle-format weights ({', '.join(sorted(pickles))}); "
-                                 "convert them to safetensors first")
-    raise typer.BadParameter(f"no Hugging Face model (config.json + *.safetensors) found under {root}")
-
-
-def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path) -> Path:
-    """A local directory `from_pretrained` can load, for a path, `models:/…` or `runs:/…` URI.
-
-    MLflow artifacts are downloaded once into `cache_dir/<models|runs>/…`; the download goes to a temporary
-    directory renamed into place, so a cache entry that exists is complete.
-    """
-    local = Path(model).expanduser()
-    if local.exists():
-        return find_hf_model_dir(local)
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(tracking_uri)
-    try:
-        key, download_uri = _model_cache_key(model, client)
-    except MlflowException as exc:
-        raise _fail(f"cannot resolve {model} in {tracking_uri}: {exc.message}") from exc
-    target = cache_dir / key
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        try:
-            with console.status(f"Downloading {download_uri} …"):
-                mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
-                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            atomic_replace_dir(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return find_hf_model_dir(target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,7 +396,13 @@ def _load(model: str, tracking_uri: str | None, config: Path | None, cache_dir: 
 
     cache = cache_dir or Path(os.environ.get(MODEL_CACHE_ENV) or _default_pipeline_config().work_path() / "model_cache")
     is_local = Path(model).expanduser().exists()
-    model_dir = resolve_model_dir(model, "" if is_local else resolve_tracking_uri(tracking_uri, config), cache)
+    try:
+        model_dir = resolve_model_dir(model, "" if is_local else resolve_tracking_uri(tracking_uri, config), cache,
+                                      status=console.status)
+    except ModelLookupFailed as exc:
+        raise _fail(str(exc)) from exc
+    except ModelNotFound as exc:
+        raise typer.BadParameter(str(exc)) from exc
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with console.status(f"Loading {model_dir} on {device} …"):
         # Still safetensors only; the model's own code runs only with --trust-remote-code.
@@ -598,72 +516,6 @@ def chat(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _short(digest: str, width: int = 19) -> str:
-    return digest if len(digest) <= width else digest[:width] + "…"
-
-
-def _node_label(node: LineageNode) -> str:
-    role = f"[dim]{escape(node.role)} ←[/] " if node.role not in ("model", "registered") else ""
-    if node.kind == "missing":
-        return f"{role}[bold red]✘ missing:[/] {escape(node.error or node.label)}"
-    if node.kind == "base_model":
-        return f"{role}[bold magenta]base model[/] {escape(node.model_uri or '')}"
-    if node.kind == "model_version":
-        reg = node.registered
-        aliases = "".join(f" [yellow]@{escape(a)}[/]" for a in reg.get("aliases", []))
-        return f"[bold]{escape(reg['name'])}[/] v{reg['version']}{aliases} [dim]{escape(reg.get('source') or '')}[/]"
-    extra = f" [dim]pipeline {node.pipeline_run_id}[/]" if node.pipeline_run_id else ""
-    return f"{role}[bold cyan]{escape(node.stage or 'run')}[/] run {node.run_id} [dim]{node.status}[/]{extra}"
-
-
-def _add_details(branch: Tree, node: LineageNode, show_params: bool) -> None:
-    if node.kind == "model_version":
-        for key, value in sorted(node.registered.get("tags", {}).items()):
-            if key.startswith("eval/") or key == "rlhf.evaluate_run_id":
-                branch.add(f"[dim]{escape(key)}[/] {escape(value)}")
-    if node.model_uri and node.kind == "run":
-        branch.add(f"[dim]model[/] {escape(node.model_uri)}")
-    if node.pipeline_config_hash:
-        branch.add(f"[dim]pipeline config[/] {_short(node.pipeline_config_hash)}"
-                   + (f" [dim]prefect flow run[/] {node.flow_run_id}" if node.flow_run_id else ""))
-    if node.cache_key:
-        branch.add(f"[dim]cache key[/] {_short(node.cache_key)}  [dim]code[/] {escape(node.code_version or '?')}")
-    for ds in node.datasets:
-        where = f" [dim]{escape(ds.source)}[/]" if ds.source else ""
-        branch.add(f"[green]data[/] {escape(ds.name)} {escape(ds.digest)}{where}")
-    if node.params:
-        config = branch.add(f"[dim]config ({len(node.params)} params)[/]")
-        if show_params:
-            for key, value in node.params.items():
-                config.add(f"{escape(key)} = {escape(value)}")
-
-
-def render_lineage(node: LineageNode, show_params: bool = True) -> Tree:
-    """The lineage as a rich tree: each run with its model, pipeline, cache key, data digests and config.
-
-    A run reached a second time (DPO's `sft` and `reference` are the same SFT run) is shown once in full, then
-    as a one-line reference.
-    """
-    seen: set[str] = set()
-
-    def add(parent: Tree | None, current: LineageNode) -> Tree:
-        label = _node_label(current)
-        repeat = current.kind == "run" and current.run_id in seen
-        if repeat:
-            label += " [dim](shown above)[/]"
-        branch = parent.add(label) if parent is not None else Tree(label)
-        if repeat:
-            return branch
-        if current.run_id and current.kind == "run":
-            seen.add(current.run_id)
-        _add_details(branch, current, show_params)
-        for child in current.children:
-            add(branch, child)
-        return branch
-
-    return add(None, node)
-
-
 @app.command()
 def lineage(
     model_uri: Annotated[str, typer.Argument(
@@ -677,7 +529,7 @@ def lineage(
 
     Exit status: 0 complete, 1 the model URI cannot be resolved, 2 some upstream pointer leads nowhere.
     """
-    from flows.lineage import LineageError, walk_lineage
+    from flows.lineage import LineageError, render_lineage, walk_lineage
 
     client = mlflow_client(resolve_tracking_uri(tracking_uri, config))
     try:

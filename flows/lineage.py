@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from rich.markup import escape
+from rich.tree import Tree
 
 NodeKind = Literal["model_version", "run", "base_model", "missing"]
 
@@ -310,3 +312,74 @@ def _source_uri(source: str | None) -> str | None:
 
 def _missing(role: str, reason: str, run_id: str | None = None, model_uri: str | None = None) -> LineageNode:
     return LineageNode(kind="missing", role=role, label=reason, run_id=run_id, model_uri=model_uri, error=reason)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _short(digest: str, width: int = 19) -> str:
+    return digest if len(digest) <= width else digest[:width] + "…"
+
+
+def _node_label(node: LineageNode) -> str:
+    role = f"[dim]{escape(node.role)} ←[/] " if node.role not in ("model", "registered") else ""
+    if node.kind == "missing":
+        return f"{role}[bold red]✘ missing:[/] {escape(node.error or node.label)}"
+    if node.kind == "base_model":
+        return f"{role}[bold magenta]base model[/] {escape(node.model_uri or '')}"
+    if node.kind == "model_version":
+        reg = node.registered
+        aliases = "".join(f" [yellow]@{escape(a)}[/]" for a in reg.get("aliases", []))
+        return f"[bold]{escape(reg['name'])}[/] v{reg['version']}{aliases} [dim]{escape(reg.get('source') or '')}[/]"
+    extra = f" [dim]pipeline {node.pipeline_run_id}[/]" if node.pipeline_run_id else ""
+    return f"{role}[bold cyan]{escape(node.stage or 'run')}[/] run {node.run_id} [dim]{node.status}[/]{extra}"
+
+
+def _add_details(branch: Tree, node: LineageNode, show_params: bool) -> None:
+    if node.kind == "model_version":
+        for key, value in sorted(node.registered.get("tags", {}).items()):
+            if key.startswith("eval/") or key == "rlhf.evaluate_run_id":
+                branch.add(f"[dim]{escape(key)}[/] {escape(value)}")
+    if node.model_uri and node.kind == "run":
+        branch.add(f"[dim]model[/] {escape(node.model_uri)}")
+    if node.pipeline_config_hash:
+        branch.add(f"[dim]pipeline config[/] {_short(node.pipeline_config_hash)}"
+                   + (f" [dim]prefect flow run[/] {node.flow_run_id}" if node.flow_run_id else ""))
+    if node.cache_key:
+        branch.add(f"[dim]cache key[/] {_short(node.cache_key)}  [dim]code[/] {escape(node.code_version or '?')}")
+    for ds in node.datasets:
+        where = f" [dim]{escape(ds.source)}[/]" if ds.source else ""
+        branch.add(f"[green]data[/] {escape(ds.name)} {escape(ds.digest)}{where}")
+    if node.params:
+        config = branch.add(f"[dim]config ({len(node.params)} params)[/]")
+        if show_params:
+            for key, value in node.params.items():
+                config.add(f"{escape(key)} = {escape(value)}")
+
+
+def render_lineage(node: LineageNode, show_params: bool = True) -> Tree:
+    """The lineage as a rich tree: each run with its model, pipeline, cache key, data digests and config.
+
+    A run reached a second time (DPO's `sft` and `reference` are the same SFT run) is shown once in full, then
+    as a one-line reference.
+    """
+    seen: set[str] = set()
+
+    def add(parent: Tree | None, current: LineageNode) -> Tree:
+        label = _node_label(current)
+        repeat = current.kind == "run" and current.run_id in seen
+        if repeat:
+            label += " [dim](shown above)[/]"
+        branch = parent.add(label) if parent is not None else Tree(label)
+        if repeat:
+            return branch
+        if current.run_id and current.kind == "run":
+            seen.add(current.run_id)
+        _add_details(branch, current, show_params)
+        for child in current.children:
+            add(branch, child)
+        return branch
+
+    return add(None, node)

@@ -2,13 +2,14 @@
 
     python -m flows.pipeline configs/quickstart.yaml [dpo.dpo_beta=0.2 ...]     (or: rlhf run CONFIG)
 
-    validate ─► sft ─┬─► [collect] ─► reward_model ─► ppo ─┐
-                     │                                       ├─► evaluate ─► register (rlhf-policy@candidate,
-                     └─► dpo ───────────────────────────────┘                        @champion)
+    validate ─► sft ─┬─► [collect] ─► reward_model ─► ppo | grpo | rloo ─┐
+                     │                                                     ├─► evaluate ─► register
+                     └─► dpo ─────────────────────────────────────────────┘    (rlhf-policy@candidate, @champion)
 
 Every stage is a Prefect task that reuses its cached result or (resumes and) trains (`tasks/runner.py`), and
 records one MLflow child run under this flow run's parent run (`docs/lineage.md`). DPO needs no reward model; it
-is trained anyway when evaluation scores with it (`evaluation.reward_model`, the default). With `collect` in
+is trained anyway when evaluation scores with it (`evaluation.reward_model`, the default). GRPO and RLOO (section
+`grpo`) need it only when `grpo.reward_model_weight > 0`; with reward functions alone they train without one. With `collect` in
 `stages`, the SFT (or base) model's responses to the training prompts are ranked by a judge or by people
 (docs/collection.md) and the reward model trains on those rankings instead of `datasets.preferences`.
 """
@@ -31,6 +32,7 @@ from tasks.base_model import resolve_base_model
 from tasks.collect import collect_task
 from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
+from tasks.grpo import grpo_task
 from tasks.pointers import StagePointer
 from tasks.ppo import ppo_task
 from tasks.reward_model import reward_model_task
@@ -102,8 +104,10 @@ def _flow_run() -> tuple[str | None, str | None]:
 
 
 # The training stages whose step budget is a parent-run param (next to each algorithm's key setting).
-TRAINING_STAGES = ("sft", "reward_model", "dpo", "ppo")
-KEY_SETTINGS = {"dpo": ("dpo_beta",), "ppo": ("kl_coef",)}
+TRAINING_STAGES = ("sft", "reward_model", "dpo", "ppo", "grpo", "rloo")
+KEY_SETTINGS = {"dpo": ("dpo_beta",), "ppo": ("kl_coef",), "grpo": ("num_samples_per_prompt", "kl_coef"),
+                "rloo": ("num_samples_per_prompt", "kl_coef")}
+SECTION = {"rloo": "grpo"}  # the config section of a stage named otherwise
 
 
 def pipeline_run_name(config: PipelineConfig, now: datetime | None = None) -> str:
@@ -121,7 +125,7 @@ def key_params(config: PipelineConfig) -> dict[str, str]:
     for stage in TRAINING_STAGES:
         if stage not in active:
             continue
-        section = getattr(config, stage)
+        section = getattr(config, SECTION.get(stage, stage))
         for field in ("max_steps", *KEY_SETTINGS.get(stage, ())):
             params[f"{stage}.{field}"] = str(getattr(section, field))
     return params
@@ -202,6 +206,10 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
         policy = out["dpo"] = dpo_task.with_options(**_opts(cfg, "dpo"))(env, out["validate"], sft)
     if "ppo" in active:
         policy = out["ppo"] = ppo_task.with_options(**_opts(cfg, "ppo"))(env, out["validate"], sft, rm)
+    for critic_free in ("grpo", "rloo"):
+        if critic_free in active:
+            policy = out[critic_free] = grpo_task.with_options(name=critic_free, **_opts(cfg, critic_free))(
+                env, out["validate"], sft, rm)
     if "evaluate" in active:
         available = {"base": base, "sft": sft, "policy": policy}
         models = {name: available[name] for name in cfg.evaluation.models if available.get(name) is not None}

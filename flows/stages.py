@@ -21,6 +21,7 @@ from tasks.base_model import resolve_base_model
 from tasks.collect import collect_task
 from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
+from tasks.grpo import grpo_task
 from tasks.pointers import StagePointer
 from tasks.ppo import ppo_task
 from tasks.reward_model import reward_model_task
@@ -36,6 +37,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "reward_model": ("sft",),
     "dpo": ("sft",),
     "ppo": ("sft",),  # + "reward_model" when ppo.reward_model_weight > 0
+    "grpo": ("sft",),  # + "reward_model" when grpo.reward_model_weight > 0; algorithm: grpo
+    "rloo": ("sft",),  # the same, algorithm: rloo
     "evaluate": ("sft", "policy"),
 }
 
@@ -52,6 +55,10 @@ def _run(env: StageEnv, stage: str, validated: StagePointer, up: dict[str, Stage
         return dpo_task.with_options(**opts)(env, validated, up["sft"])
     if stage == "ppo":
         return ppo_task.with_options(**opts)(env, validated, up["sft"], up.get("reward_model"))
+    if stage in ("grpo", "rloo"):
+        if env.config.algorithm != stage:
+            raise ValueError(f"stage {stage!r} needs algorithm: {stage} (it is {env.config.algorithm!r})")
+        return grpo_task.with_options(name=stage, **opts)(env, validated, up["sft"], up.get("reward_model"))
     models = {"sft": up["sft"], "policy": up["policy"]}
     if "base" in env.config.evaluation.models:
         models = {"base": resolve_base_model(env.config), **models}
@@ -117,6 +124,14 @@ def dpo_flow(config_path: str, upstream: dict[str, Any], overrides: list[str] | 
 def ppo_flow(config_path: str, upstream: dict[str, Any], overrides: list[str] | None = None) -> StagePointer:
     """PPO from `upstream["sft"]` against `upstream["reward_model"]`."""
     return run_single_stage("ppo", config_path, upstream, overrides)
+
+
+@flow(name="rlhf-grpo")
+def grpo_flow(config_path: str, upstream: dict[str, Any], overrides: list[str] | None = None) -> StagePointer:
+    """GRPO or RLOO (after the config's `algorithm`) from `upstream["sft"]` (and `upstream["reward_model"]`)."""
+    config = load_config(config_path, overrides)
+    stage = config.algorithm if config.algorithm in ("grpo", "rloo") else "grpo"
+    return run_single_stage(stage, config_path, upstream, overrides)
 
 
 @flow(name="rlhf-evaluate")

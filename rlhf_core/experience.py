@@ -2,7 +2,8 @@
 
     1. sample     responses from the current policy π_old (`generation.generate`, temperature τ, no top-k/top-p)
                   keeping the sampler's own log-probs  log π_old(a_t | s_t)
-    2. forward    values V(s_t) of the critic and log π_ref(a_t | s_t) of the frozen reference (same τ)
+    2. forward    values V(s_t) of the critic (and, with `old_logprobs="forward"`, log π_old(a_t | s_t) from the
+                  same pass) and log π_ref(a_t | s_t) of the frozen reference (same τ)
     3. score      the RM on prompt + response and/or reward functions of the text (`rewards.RewardScorer`), then
                   shaping: normalise with running moments, clip, and replace the score of a response that never
                   emitted EOS by a fixed value
@@ -60,6 +61,10 @@ class ExperienceConfig:
     """Normalise RM scores with running moments: "std" divides by σ, "mean_std" computes (s − μ)/σ."""
     score_clip: float | None = None
     """Clip the (normalised) score to [−c, c] (None: no clipping)."""
+    old_logprobs: Literal["sampler", "forward"] = "sampler"
+    """Where log π_old comes from: "sampler", the sampler's own (exact in float32); "forward", the critic's full
+    forward pass over the rollout, the same computation as the updates' — under bf16 the sampler's incremental
+    decoding rounds differently, and the first update would see a ratio ≠ 1 (docs/pitfalls.md §1)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature <= 0:
@@ -71,6 +76,8 @@ class ExperienceConfig:
             raise ValueError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
         if self.score_norm not in ("none", "std", "mean_std"):
             raise ValueError(f"score_norm must be 'none', 'std' or 'mean_std', got {self.score_norm!r}")
+        if self.old_logprobs not in ("sampler", "forward"):
+            raise ValueError(f"old_logprobs must be 'sampler' or 'forward', got {self.old_logprobs!r}")
         if self.score_clip is not None and not self.score_clip > 0:
             raise ValueError(f"score_clip must be > 0 or None, got {self.score_clip}")
 
@@ -121,25 +128,31 @@ class Experience:
         return self.response_ids.shape[0]
 
     def select(self, indices: torch.Tensor | Sequence[int]) -> Experience:
-        """The rows `indices` as a smaller `Experience` (a minibatch), with the padding columns no selected row
-        uses dropped (leading prompt pads, trailing response pads), so a minibatch of short responses is
-        cheap. Columns are only removed where every selected row is padding, so no value changes."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.response_ids.device)
-        prompt_used = self.prompt_attention_mask[index].bool().any(0)
-        first_prompt_col = int(prompt_used.nonzero()[0]) if bool(prompt_used.any()) else 0
-        response_len = max(int(self.response_mask[index].sum(1).max()), 1)
-        picked: dict[str, torch.Tensor] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)[index]
-            if f.name.startswith("prompt_"):
-                value = value[:, first_prompt_col:]
-            elif value.dim() == 2:
-                value = value[:, :response_len]
-            picked[f.name] = value
-        return Experience(**picked)
+        """The rows `indices` as a smaller `Experience` (a minibatch; `select_rows`)."""
+        return select_rows(self, indices)
 
     def to(self, device: torch.device | str) -> Experience:
         return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def select_rows(batch: Any, indices: torch.Tensor | Sequence[int]) -> Any:
+    """The rows `indices` of a dataclass of row-first tensors with `prompt_*` (left-padded) and `response_mask`
+    fields, as a new one of its type, with the padding columns no selected row uses dropped (leading prompt
+    pads, trailing columns of every `[B, T]` response tensor), so a minibatch of short responses is cheap.
+    Columns are only removed where every selected row is padding, so no value changes."""
+    index = torch.as_tensor(indices, dtype=torch.long, device=batch.response_ids.device)
+    prompt_used = batch.prompt_attention_mask[index].bool().any(0)
+    first_prompt_col = int(prompt_used.nonzero()[0]) if bool(prompt_used.any()) else 0
+    response_len = max(int(batch.response_mask[index].sum(1).max()), 1)
+    picked: dict[str, torch.Tensor] = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)[index]
+        if f.name.startswith("prompt_"):
+            value = value[:, first_prompt_col:]
+        elif value.dim() == 2:
+            value = value[:, :response_len]
+        picked[f.name] = value
+    return type(batch)(**picked)
 
 
 class RunningMoments:
@@ -217,18 +230,20 @@ def reference_logprobs(
 
 
 @torch.no_grad()
-def critic_values(model: nn.Module, rollout: GenerationOutput, temperature: float) -> torch.Tensor:
-    """V(s_t) `[B, T]` (float32) from the actor-critic `model` (forward → `(logits, values)`), in eval mode."""
+def critic_forward(model: nn.Module, rollout: GenerationOutput, temperature: float) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """`(values, logprobs)`, each `[B, T]`: V(s_t) (float32) and log π(a_t | s_t) from one forward pass of the
+    actor-critic `model` (forward → `(logits, values)`) over the rollout, in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        values = response_forward(model, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
-                                  rollout.response_mask, temperature).values
+        out = response_forward(model, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
+                               rollout.response_mask, temperature)
     finally:
         model.train(was_training)
-    if values is None:
+    if out.values is None:
         raise ValueError(f"{type(model).__name__} returned no values: PPO needs an actor-critic model")
-    return values.float()
+    return out.values.float(), out.logprobs
 
 
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -263,7 +278,8 @@ def make_experience(
     response_mask = rollout.response_mask
     sampled = time.perf_counter()
     # 2. forward passes of the critic and the reference on the sampled tokens
-    old_values = critic_values(model, rollout, config.temperature)
+    old_values, forward_logprobs = critic_forward(model, rollout, config.temperature)
+    old_logprobs = rollout.logprobs if config.old_logprobs == "sampler" else forward_logprobs
     ref_logprobs = reference_logprobs(actor, reference, rollout, config.temperature)
     # 3. score and shape
     rm_scores = as_scorer(scorer)(prompts, rollout)
@@ -271,7 +287,7 @@ def make_experience(
     if timings is not None:
         timings.update(generation_s=sampled - started, scoring_s=time.perf_counter() - sampled)
     # 4. per-token rewards with the KL penalty
-    rewards, kl = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, response_mask, kl_coef,
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef,
                                        config.kl_estimator)
     # 5. advantages and value targets
     advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.gae_lambda)
@@ -281,7 +297,7 @@ def make_experience(
         prompt_attention_mask=rollout.prompt_attention_mask,
         response_ids=rollout.response_ids,
         response_mask=response_mask,
-        old_logprobs=rollout.logprobs,
+        old_logprobs=torch.where(valid, old_logprobs, torch.zeros((), dtype=old_logprobs.dtype)),
         ref_logprobs=torch.where(valid, ref_logprobs, torch.zeros((), dtype=ref_logprobs.dtype)),
         old_values=torch.where(valid, old_values, torch.zeros((), dtype=old_values.dtype)),
         rm_scores=rm_scores,

@@ -86,3 +86,10 @@ class AdaptiveKLController:
 def _check_type(state: dict[str, Any], expected: str) -> None:
     if state.get("type") != expected:
         raise ValueError(f"state of a {state.get('type')!r} KL controller cannot load into a {expected!r} one")
+
+
+def make_kl_controller(kl_coef: float, target_kl: float | None, horizon: float) -> KLController:
+    """β fixed at `kl_coef` when `target_kl` is None, else adaptive towards `target_kl` from `kl_coef`."""
+    if target_kl is None:
+        return FixedKLController(kl_coef)
+    return AdaptiveKLController(kl_coef, target_kl, horizon)

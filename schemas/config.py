@@ -33,13 +33,17 @@ from rlhf_core.collection import CollectConfig
 from rlhf_core.generation import SamplingConfig
 from rlhf_core.lengths import LengthPolicy
 from rlhf_core.trainers.dpo import DPOConfig
+from rlhf_core.trainers.grpo import GRPOConfig
 from rlhf_core.trainers.ppo import PPOConfig
 from rlhf_core.trainers.reward import RewardConfig
 from rlhf_core.trainers.sft import SFTConfig
 
-Stage = Literal["validate", "sft", "collect", "reward_model", "ppo", "dpo", "evaluate"]
-STAGE_ORDER: tuple[str, ...] = ("validate", "sft", "collect", "reward_model", "ppo", "dpo", "evaluate")
-TRAINER_SECTIONS: tuple[str, ...] = ("sft", "reward_model", "ppo", "dpo")
+Stage = Literal["validate", "sft", "collect", "reward_model", "ppo", "grpo", "rloo", "dpo", "evaluate"]
+STAGE_ORDER: tuple[str, ...] = ("validate", "sft", "collect", "reward_model", "ppo", "grpo", "rloo", "dpo", "evaluate")
+TRAINER_SECTIONS: tuple[str, ...] = ("sft", "reward_model", "ppo", "grpo", "dpo")
+POLICY_STAGES: tuple[str, ...] = ("ppo", "grpo", "rloo", "dpo")
+CRITIC_FREE: tuple[str, ...] = ("grpo", "rloo")
+"""The algorithms of `rlhf_core.trainers.grpo`: one config section (`grpo:`), the stage named by the algorithm."""
 SEEDED_SECTIONS: tuple[str, ...] = (*TRAINER_SECTIONS, "collect")
 TINY_BASE = "tiny"
 # The length limits the pipeline sets to `auto` unless the config names them (section path → field names).
@@ -48,6 +52,7 @@ AUTO_LENGTHS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("reward_model",): ("max_prompt_len", "max_response_len"),
     ("dpo",): ("max_prompt_len", "max_response_len"),
     ("ppo",): ("max_prompt_len", "max_new_tokens"),
+    ("grpo",): ("max_prompt_len", "max_new_tokens"),
     ("collect",): ("max_prompt_len",),
     ("collect", "sampling"): ("max_new_tokens",),
     ("evaluation",): ("max_prompt_len",),
@@ -222,8 +227,9 @@ class PipelineConfig(_Strict):
     (`<name>-<algorithm>-<UTC time>`)."""
     base_model: str = TINY_BASE
     """Local HF model directory, a hub name, or `tiny` (build the offline tiny Llama into the work dir)."""
-    algorithm: Literal["ppo", "dpo"] = "dpo"
-    """Policy optimisation after SFT."""
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = "dpo"
+    """Policy optimisation after SFT: PPO (actor-critic, reward model), DPO (offline, preference pairs), or the
+    critic-free GRPO / RLOO (K samples per prompt, section `grpo`)."""
     stages: list[Stage] | None = None
     """Stages to run, upstream stages included (None: every stage the algorithm and evaluation need)."""
     seed: int = 0
@@ -245,11 +251,15 @@ class PipelineConfig(_Strict):
     """DPO hyper-parameters: `rlhf_core.trainers.dpo.DPOConfig`."""
     ppo: PPOConfig = PPOConfig()
     """PPO hyper-parameters: `rlhf_core.trainers.ppo.PPOConfig`."""
+    grpo: GRPOConfig = GRPOConfig()
+    """GRPO / RLOO hyper-parameters, for both critic-free algorithms (`rlhf_core.trainers.grpo.GRPOConfig`); its
+    `algorithm` follows the pipeline's `algorithm`."""
     collect: CollectConfig = CollectConfig()
     """Preference collection (stage `collect`): sample K responses per training prompt, have a judge or people
     rank them; the reward model then trains on those rankings (`rlhf_core.collection.CollectConfig`,
-    docs/collection.md). Runs when listed in `stages`, and by default with `algorithm: ppo` when the config has
-    a `collect:` section (the guide's recipe: the RM learns on the samples PPO will see)."""
+    docs/collection.md). Runs when listed in `stages`, and by default with `algorithm: ppo` (or `grpo`/`rloo` with a
+    reward model) when the config has a `collect:` section (the guide's recipe: the RM learns on the samples the
+    policy will see)."""
     evaluation: EvaluationSettings = EvaluationSettings()
     """How the final models are compared."""
     tracking: TrackingSettings = TrackingSettings()
@@ -273,6 +283,22 @@ class PipelineConfig(_Strict):
                     data[section] = {"seed": data["seed"]}
                 elif isinstance(raw, dict) and "seed" not in raw:
                     data[section] = {**raw, "seed": data["seed"]}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_section_follows_the_algorithm(cls, data: Any) -> Any:
+        """`algorithm: rloo` trains section `grpo` with the RLOO estimator; a conflicting `grpo.algorithm` is an
+        error rather than a silent choice."""
+        if not isinstance(data, dict) or data.get("algorithm") not in CRITIC_FREE:
+            return data
+        section = data.get("grpo")
+        if section is None or isinstance(section, dict):
+            section = dict(section or {})
+            if section.get("algorithm", data["algorithm"]) != data["algorithm"]:
+                raise ValueError(f"grpo.algorithm is {section['algorithm']!r} but algorithm is "
+                                 f"{data['algorithm']!r}: set only the top-level algorithm")
+            data = {**data, "grpo": {**section, "algorithm": data["algorithm"]}}
         return data
 
     @model_validator(mode="before")
@@ -312,11 +338,12 @@ class PipelineConfig(_Strict):
         missing = [s for s in self.required_upstream() if s not in self.active_stages()]
         if missing:
             raise ValueError(f"stages {self.stages} lack upstream stage(s) {missing}")
-        other = "ppo" if self.algorithm == "dpo" else "dpo"
-        if self.stages is not None and other in self.stages:
-            raise ValueError(f"stage {other!r} listed but algorithm is {self.algorithm!r}")
+        others = [s for s in POLICY_STAGES if s != self.algorithm and s in (self.stages or [])]
+        if others:
+            raise ValueError(f"stage {others[0]!r} listed but algorithm is {self.algorithm!r}")
         needs = {"sft": "demonstrations", "collect": "prompts_train", "reward_model": "preferences",
-                 "dpo": "preferences", "ppo": "prompts_train", "evaluate": "prompts_eval"}
+                 "dpo": "preferences", "ppo": "prompts_train", "grpo": "prompts_train", "rloo": "prompts_train",
+                 "evaluate": "prompts_eval"}
         if "collect" in self.active_stages():
             needs.pop("reward_model")  # it trains on the collected rankings
             if self.collect.labeler == "judge" and self.collect.judge is None:
@@ -334,10 +361,10 @@ class PipelineConfig(_Strict):
         if self.stages is not None:
             return [s for s in STAGE_ORDER if s in self.stages]
         wanted = {"validate", "sft", self.algorithm, "evaluate"}
-        ppo_rm = self.algorithm == "ppo" and self.ppo.uses_reward_model
-        if ppo_rm or self.evaluation.reward_model:
+        policy_rm = self.policy_uses_reward_model(self.algorithm)
+        if policy_rm or self.evaluation.reward_model:
             wanted.add("reward_model")
-        if ppo_rm and "collect" in self.model_fields_set:
+        if policy_rm and "collect" in self.model_fields_set:
             # The guide's on-policy recipe: the RM learns on rankings of the SFT model's own samples, the
             # distribution PPO will sample from (docs/pitfalls.md). Only with a `collect:` section, which names
             # the judge: no task's judge is a default.
@@ -350,11 +377,17 @@ class PipelineConfig(_Strict):
         req: set[str] = set()
         if active - {"validate"}:
             req.add("validate")
-        if active & {"collect", "reward_model", "ppo", "dpo", "evaluate"}:
+        if active & {"collect", "reward_model", *POLICY_STAGES, "evaluate"}:
             req.add("sft")
-        if "ppo" in active and self.ppo.uses_reward_model:
+        if any(self.policy_uses_reward_model(s) for s in active):
             req.add("reward_model")
         return sorted(req)
+
+    def policy_uses_reward_model(self, stage: str) -> bool:
+        """Whether the on-policy stage `stage` (ppo, grpo, rloo) scores with the reward model."""
+        if stage == "ppo":
+            return self.ppo.uses_reward_model
+        return stage in CRITIC_FREE and self.grpo.uses_reward_model
 
     def work_path(self) -> Path:
         """`work_dir` as an absolute path."""

@@ -68,7 +68,8 @@ def test_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own(tmp_path:
         ({"typo_top_level": 1}, "typo_top_level", "unexpected key"),
         ({"sft": {"max_steps": "many"}}, "sft.max_steps", "valid integer"),
         ({"dpo": {"dpo_beta": -1.0}}, "dpo", "dpo_beta must be > 0"),
-        ({"algorithm": "grpo"}, "algorithm", "'ppo' or 'dpo'"),
+        ({"algorithm": "reinforce"}, "algorithm", "'ppo', 'dpo', 'grpo' or 'rloo'"),
+        ({"grpo": {"num_samples_per_prompt": 1}}, "grpo", "num_samples_per_prompt >= 2"),
         ({"evaluation": {"sampling": {"top_p": 2.0}}}, "evaluation.sampling", "top_p must be in (0, 1]"),
     ],
 )
@@ -212,3 +213,19 @@ def test_no_tasks_judge_is_a_default(tmp_path: Path) -> None:
         load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "evaluation": {"gold_judge": "gold"}}))
     bundled = load_config("configs/quickstart.yaml")
     assert bundled.evaluation.gold_judge == "rlhf_core.support_bot:gold_score" and bundled.collect.judge == "gold"
+
+
+def test_grpo_and_rloo_train_section_grpo_and_need_the_rm_only_when_it_is_weighted(tmp_path: Path) -> None:
+    base = {"name": "t", "datasets": {**DATA, "prompts_train": {"path": "p"}, "prompts_eval": {"path": "e"}}}
+    rloo = load_config(_write(tmp_path, {**base, "algorithm": "rloo"}))
+    assert rloo.grpo.algorithm == "rloo" and "rloo" in rloo.active_stages() and rloo.required_upstream() == [
+        "reward_model", "sft", "validate"]
+    # Reward functions alone: no reward model needed by the policy (evaluation may still train one).
+    functions = {"grpo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}},
+                 "evaluation": {"reward_model": False}}
+    grpo = load_config(_write(tmp_path, {**base, "algorithm": "grpo", **functions}))
+    assert grpo.active_stages() == ["validate", "sft", "grpo", "evaluate"] and grpo.grpo.algorithm == "grpo"
+    with pytest.raises(ConfigError, match="grpo.algorithm is 'grpo' but algorithm is 'rloo'"):
+        load_config(_write(tmp_path, {**base, "algorithm": "rloo", "grpo": {"algorithm": "grpo"}}))
+    with pytest.raises(ConfigError, match="stage 'dpo' listed but algorithm is 'grpo'"):
+        load_config(_write(tmp_path, {**base, "algorithm": "grpo", "stages": ["validate", "sft", "dpo"]}))

@@ -21,8 +21,8 @@ from rlhf_core.trainers.dpo import (
     REFERENCE_CACHE,
     DPOConfig,
     collate_pairs,
-    concatenated_logps,
     encode_preferences,
+    pair_logps,
     train_dpo,
 )
 
@@ -78,6 +78,23 @@ def test_dpo_margins_grow(tiny_model_dir: Path, tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(result.model_dir)
 
 
+def test_the_prompt_once_per_pair_trains_like_two_whole_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Given the same pairs, DPO with each prompt computed once for both responses and DPO with chosen and
+    rejected as two whole sequences follow the same loss and margin curves and end at the same weights (to
+    float rounding)."""
+    runs = {}
+    for share in (True, False):
+        logger = ListLogger()
+        result = train_dpo(_config(max_steps=6, share_prompt=share), tiny_model_dir, preferences(24), [],
+                           tmp_path / str(share), logger)
+        runs[share] = (logger, _weights(result.model_dir))
+    for name in ("dpo/loss", "dpo/reward_margin"):
+        assert runs[True][0].series(name) == pytest.approx(runs[False][0].series(name), abs=1e-4)
+    assert runs[True][0].series("dpo/loss")[-1] < runs[True][0].series("dpo/loss")[0]  # it trained
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
 @pytest.mark.parametrize(
     ("loss_type", "label_smoothing", "expected"),
     [
@@ -104,15 +121,18 @@ def test_first_step_loss_is_the_zero_margin_value(
     assert logger.series("dpo/loss")[0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_chosen_and_rejected_in_one_forward_equal_separate_passes(
-    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["prompt-once", "two-sequences"])
+def test_a_pair_batch_gives_each_response_its_log_prob_from_a_separate_pass(
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, share_prompt: bool
 ) -> None:
-    """The concatenated `[2B, L]` pass gives each response the log-prob it gets in a batch of its kind."""
+    """Both batch layouts of a pair (the prompt once with its KV cache shared by both responses, or chosen and
+    rejected as whole sequences in one `[2B, L]` pass) give each response the log-prob it gets in a plain
+    right-padded batch of its kind."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pairs = encode_preferences(tiny_tokenizer, preferences(3), _config())
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(model, collate_pairs(pairs, pad, torch.device("cpu")))
+        chosen, rejected = pair_logps(model, collate_pairs(pairs, pad, torch.device("cpu"), share_prompt))
         for responses, joint in ((p.chosen for p in pairs), chosen), ((p.rejected for p in pairs), rejected):
             batch = collate_right_padded(list(responses), pad)
             alone = sequence_logprobs(
@@ -125,8 +145,9 @@ def _reference_by_hand(model_dir: Path, tokenizer: PreTrainedTokenizerBase, rows
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pairs = encode_preferences(tokenizer, rows, _config())
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(
-            model, collate_pairs(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+        # Whole sequences (not the trainer's shared-prompt path), so the check does not reuse the code it checks.
+        chosen, rejected = pair_logps(
+            model, collate_pairs(pairs, tokenizer.pad_token_id, torch.device("cpu"), share_prompt=False)
         )
     return torch.stack([chosen, rejected], dim=1)
 

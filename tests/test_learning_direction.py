@@ -6,10 +6,11 @@ it learns to end its replies. Then:
 - PPO with the gold judge as its reward *function* (no reward model at all): PPO's own health, apart from any
   RM. Its samples on held-out prompts beat the SFT model's by the gold judge by ≥ 2 standard errors of the paired
   difference — the judge scores texts decoded and re-sampled by `evaluate_models`, not PPO's rollout numbers.
+- GRPO and RLOO with the same reward function, K samples per prompt and no critic: the same criterion.
 - DPO on the bundled preference pairs (labelled by that judge, with 10% of labels flipped): the same criterion.
 - A PPO whose rollouts are all cut before EOS stops with the reason (the no-EOS penalty makes the reward flat).
 
-Flip PPO's advantage sign or DPO's chosen/rejected and these tests fail (the direction reverses).
+Flip PPO's or GRPO/RLOO's advantage sign or DPO's chosen/rejected and these tests fail (the direction reverses).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rlhf_core.generation import SamplingConfig
 from rlhf_core.guards import DeadSignalError
 from rlhf_core.support_bot import gold_score
 from rlhf_core.trainers.dpo import DPOConfig, train_dpo
+from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
 from rlhf_core.trainers.ppo import PPOConfig, train_ppo
 from rlhf_core.trainers.sft import SFTConfig, train_sft
 
@@ -77,6 +79,18 @@ def test_ppo_with_the_gold_judge_as_reward_raises_the_gold_score(sft_model: Path
                        kl_coef=0.02, max_new_tokens=120, reward_model_weight=0.0, reward_functions={GOLD: 1.0},
                        progress_bar=False)
     result = train_ppo(config, sft_model, None, _rows("prompts_train.jsonl"), tmp_path / "ppo")
+    gain, stderr, metrics = _paired_gold_gain(sft_model, result.model_dir)
+    assert gain >= 2 * stderr and gain > 0, (gain, stderr, metrics)
+    assert metrics["eval/no_eos_fraction"] <= 0.2 and metrics["eval/kl_to_ref"] <= 10.0, metrics
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_with_the_gold_judge_as_reward_raise_the_gold_score(sft_model: Path, tmp_path: Path,
+                                                                          algorithm: str) -> None:
+    config = GRPOConfig(algorithm=algorithm, max_steps=12, batch_size=8, prompts_per_iteration=8,
+                        num_samples_per_prompt=4, epochs=2, learning_rate=1e-4, kl_coef=0.02, max_new_tokens=120,
+                        reward_model_weight=0.0, reward_functions={GOLD: 1.0}, progress_bar=False)
+    result = train_grpo(config, sft_model, None, _rows("prompts_train.jsonl"), tmp_path / algorithm)
     gain, stderr, metrics = _paired_gold_gain(sft_model, result.model_dir)
     assert gain >= 2 * stderr and gain > 0, (gain, stderr, metrics)
     assert metrics["eval/no_eos_fraction"] <= 0.2 and metrics["eval/kl_to_ref"] <= 10.0, metrics

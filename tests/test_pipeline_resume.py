@@ -4,8 +4,8 @@ Given the tiny test pipeline (`test_pipeline.pipeline_config`) with a few more s
 checkpoint every 2 steps, and the final weights of each stage from an uninterrupted run of the same config in
 another work dir (so nothing is reused from its cache):
 - when a real pipeline process (`python -m flows.pipeline`) is SIGKILLed, with its whole process group, during
-  SFT, the reward model, DPO or PPO once that stage has written a complete checkpoint (manifest present), then the
-  next run resumes the stage from that checkpoint and every tensor of its final `model.safetensors` equals the
+  SFT, the reward model, DPO, PPO or RLOO once that stage has written a complete checkpoint (manifest present),
+  then the next run resumes the stage from that checkpoint and every tensor of its final `model.safetensors` equals the
   uninterrupted run's;
 - when the SFT task fails once after its step-2 checkpoint (`prefect.stages.sft.retries: 1`), then Prefect runs it
   a second time (one task run, run_count 2), the retry resumes from step 2 and the weights equal the uninterrupted
@@ -59,6 +59,9 @@ OVERRIDES = {
     "reward_model": ["stages=[validate, sft, reward_model]"],
     "dpo": ["stages=[validate, sft, dpo]"],
     "ppo": ["algorithm=ppo", "stages=[validate, sft, reward_model, ppo]"],
+    # RLOO covers the critic-free trainer (GRPO differs only in its advantages); the stage is named after the
+    # algorithm, the section is `grpo`.
+    "rloo": ["algorithm=rloo", "stages=[validate, sft, reward_model, rloo]"],
 }
 
 
@@ -69,6 +72,9 @@ def resume_config(root: Path, work: str) -> Path:
     for stage in ("sft", "reward_model", "dpo"):
         config[stage] = {**config[stage], "max_steps": MAX_STEPS, "checkpoint_every": 2}
     config["ppo"] = {**config["ppo"], "max_steps": PPO_STEPS, "checkpoint_every": 2}
+    config["grpo"] = {"batch_size": 4, "prompts_per_iteration": 2, "num_samples_per_prompt": 2, "max_new_tokens": 8,
+                      "max_prompt_len": 48, "max_steps": PPO_STEPS, "checkpoint_every": 2, "progress_bar": False,
+                      "weak_reward_model": "warn", "dead_signal": "warn"}
     path = root / f"{work}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -138,7 +144,7 @@ def kill_once_checkpointed(root: Root, stage: str, prefect_api: str) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "ppo", "rloo"])
 def test_a_pipeline_killed_during_a_stage_ends_with_the_uninterrupted_weights(root: Root, stage: str,
                                                                            prefect_api: str) -> None:
     reference = root.reference(stage)
@@ -151,7 +157,7 @@ def test_a_pipeline_killed_during_a_stage_ends_with_the_uninterrupted_weights(ro
 
     # Then the stage resumed from a checkpoint before its last step, and ended where the uninterrupted run did.
     pointer = result.stages[stage]
-    last = PPO_STEPS if stage == "ppo" else MAX_STEPS
+    last = PPO_STEPS if stage in ("ppo", "rloo") else MAX_STEPS
     assert not pointer.reused
     assert pointer.resumed_from_step is not None and 0 < pointer.resumed_from_step < last
     assert pointer.cache_key == reference.stages[stage].cache_key

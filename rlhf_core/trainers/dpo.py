@@ -11,8 +11,10 @@ sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
    A resumed run loads the cache instead of recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
    are deterministic either way). With LoRA the reference is the policy with adapters disabled; without LoRA a
    frozen copy of the SFT model is loaded for that pass and freed before training.
-2. Each step, chosen and rejected responses of a micro-batch go through the policy in ONE forward pass
-   (`[2B, L]`, chosen rows first), then split.
+2. Each step, the prompt of every pair goes through the policy once and both responses attend to its KV cache
+   (`share_prompt`, `logprobs.shared_prompt_logprobs`): the prompt's FLOPs and activations are paid once per
+   pair, not twice. With `share_prompt: false`, chosen and rejected go through as two whole sequences in one
+   forward pass (`[2B, L]`, chosen rows first). The same numbers either way, to float rounding.
 
 Implicit rewards r = β·(log π − log π_ref) are the metrics' "rewards": `dpo/chosen_rewards`,
 `dpo/rejected_rewards`, `dpo/reward_margin` = mean(r_w − r_l), `dpo/reward_accuracy` = mean(r_w > r_l).
@@ -36,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from rlhf_core.atomic import atomic_write_bytes
 from rlhf_core.callbacks import MetricLogger
 from rlhf_core.lengths import Auto, resolve_from_rows
-from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf_core.losses import DPOLossType, dpo_loss
 from rlhf_core.models import disable_dropout
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
@@ -70,6 +72,9 @@ class DPOConfig(TrainerConfig):
     """"sigmoid" (DPO), "ipo" or "hinge" (SLiC); see `rlhf_core.losses.dpo_loss`."""
     label_smoothing: float = 0.0
     """Conservative DPO: assumed probability ε ∈ [0, 0.5] that a label is flipped (sigmoid only)."""
+    share_prompt: bool = True
+    """Compute each pair's prompt once for both responses (its KV cache reused; same log-probs to float rounding,
+    `logprobs.shared_prompt_logprobs`). False: chosen and rejected as two whole sequences, the prompt twice."""
     max_prompt_len: int | Auto | None = "auto"
     """Keep the last this-many prompt tokens (None: no limit;
     "auto": cover 95% of the prompts, `rlhf_core.lengths`)."""
@@ -114,23 +119,62 @@ def encode_preferences(
 
 
 def collate_pairs(
-    pairs: Sequence[PreferencePair], pad_id: int, device: torch.device
+    pairs: Sequence[PreferencePair], pad_id: int, device: torch.device, share_prompt: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Chosen then rejected responses as one right-padded batch `[2B, L]`, plus `ref_chosen_logps` and
-    `ref_rejected_logps` `[B]`."""
-    batch = collate_right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    """A micro-batch of `B` pairs, plus `ref_chosen_logps` and `ref_rejected_logps` `[B]`.
+
+    `share_prompt` (the default): the prompt once per pair, `prompt_ids`/`prompt_mask` `[B, P]` left-padded, and
+    both responses `response_ids`/`response_mask` `[2B, R]` right-padded, chosen and rejected of pair `b` in rows
+    `2b` and `2b + 1` (`logprobs.shared_prompt_logprobs`). Otherwise chosen then rejected as whole sequences in
+    one right-padded batch `[2B, L]` (`input_ids`, `attention_mask`, `response_mask`).
+    """
+    if share_prompt:
+        batch = _collate_shared_prompt(pairs, pad_id)
+    else:
+        batch = collate_right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float32)
     batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float32)
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def concatenated_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(chosen_logps, rejected_logps)`, each `[B]`: sequence log-probs from one forward over `[2B, L]`."""
+def _collate_shared_prompt(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    if any(p.chosen.prompt_ids != p.rejected.prompt_ids for p in pairs):
+        raise ValueError("a pair's chosen and rejected responses were encoded with different prompts")
+    width = max(len(p.chosen.prompt_ids) for p in pairs)
+    responses = [r for p in pairs for r in (p.chosen.response_ids, p.rejected.response_ids)]
+    length = max(len(r) for r in responses)
+    prompt_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        ids = pair.chosen.prompt_ids
+        prompt_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[i, width - len(ids) :] = 1
+    response_ids = torch.full((len(responses), length), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), length), dtype=torch.long)
+    for i, ids in enumerate(responses):
+        response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask[i, : len(ids)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask}
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(chosen_logps, rejected_logps)`, each `[B]`: sequence log-probs of a `collate_pairs` batch, with the
+    prompt computed once per pair when the batch shares it, else from one forward over `[2B, L]`."""
+    if "prompt_ids" in batch:
+        logps = shared_prompt_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                       batch["response_mask"])  # [B, 2]
+        return logps[:, 0], logps[:, 1]
     logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens the model processes for the batch (a shared prompt counts once)."""
+    if "prompt_ids" in batch:
+        return float(batch["prompt_mask"].sum() + batch["response_mask"].sum())
+    return float(batch["attention_mask"].sum())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -153,6 +197,7 @@ def compute_reference_logps(
     pairs: Sequence[PreferencePair],
     pad_id: int,
     batch_size: int,
+    share_prompt: bool = True,
 ) -> torch.Tensor:
     """`[N, 2]` float32 (chosen, rejected) sequence log-probs of all `pairs` under `ref` (already in eval mode
     and under no_grad). Pairs are sharded over processes and gathered, so every process gets all N rows."""
@@ -160,8 +205,8 @@ def compute_reference_logps(
     found: list[tuple[int, float, float]] = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        chosen, rejected = concatenated_logps(
-            ref, collate_pairs([pairs[i] for i in chunk], pad_id, accelerator.device)
+        chosen, rejected = pair_logps(
+            ref, collate_pairs([pairs[i] for i in chunk], pad_id, accelerator.device, share_prompt)
         )
         found.extend(zip(chunk, chosen.tolist(), rejected.tolist(), strict=True))
     if accelerator.num_processes > 1:
@@ -207,7 +252,7 @@ def reference_logps(
         frozen.to(accelerator.device)
     with reference_model(policy, frozen) as ref:
         logps = compute_reference_logps(
-            accelerator, ref, pairs, pad_id, config.eval_batch_size or config.batch_size
+            accelerator, ref, pairs, pad_id, config.eval_batch_size or config.batch_size, config.share_prompt
         )
     del frozen
     if accelerator.is_main_process:
@@ -225,7 +270,7 @@ def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
     """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs."""
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        chosen, rejected = concatenated_logps(model, batch)
+        chosen, rejected = pair_logps(model, batch)
         mean_loss, chosen_rewards, rejected_rewards = dpo_loss(
             chosen,
             rejected,
@@ -239,7 +284,7 @@ def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
         sums = {
             "loss": float(mean_loss.detach()) * n,
             "count": float(n),
-            "tokens": float(batch["attention_mask"].sum()),
+            "tokens": batch_tokens(batch),
             "chosen_rewards": float(chosen_rewards.sum()),
             "rejected_rewards": float(rejected_rewards.sum()),
             "reward_accuracy": float((chosen_rewards > rejected_rewards).sum()),
@@ -266,7 +311,7 @@ def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
 
     return Stage(
         name="dpo",
-        collate=lambda pairs: collate_pairs(pairs, pad_id, device),
+        collate=lambda pairs: collate_pairs(pairs, pad_id, device, config.share_prompt),
         count=lambda batch: float(batch["ref_chosen_logps"].shape[0]),
         loss=loss,
         summarize=summarize,

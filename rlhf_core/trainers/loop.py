@@ -1,4 +1,5 @@
-"""The supervised loop of SFT, the reward model and DPO: a `Stage` plugs its batches and loss into `fit`."""
+"""The training loop every trainer shares (`train_loop`), and the supervised step of SFT, the reward model and DPO:
+a `Stage` plugs its batches and loss into `fit`."""
 
 from __future__ import annotations
 
@@ -95,27 +96,74 @@ def all_keys(accelerator: Accelerator, values: dict[str, float]) -> list[str]:
     return sorted({k for keys in gather_object([sorted(values)]) for k in keys})
 
 
+@dataclass
+class StepOutcome:
+    """What one step of a training loop reports to `train_loop`."""
+
+    metrics: dict[str, float]
+    """Prefixed metrics of the step (`sft/loss`, `ppo/kl`, …), logged every `log_every` steps and at the end."""
+    progress: dict[str, str]
+    """What the progress bar shows beside the step count (the key metric, formatted)."""
+
+
+def train_loop(
+    session: Session,
+    name: str,
+    step: Callable[[bool], StepOutcome],
+    evaluate: Callable[[], dict[str, float]],
+) -> dict[str, float]:
+    """The loop every trainer shares, from `state.step` to `max_steps`:
+
+        while state.step < max_steps:
+            outcome = step(log_now)     # trains, advances state.step by one (an optimizer step, a PPO iteration)
+            checkpoint                  # every checkpoint_every steps and at the last
+            progress bar; log           # every log_every steps and at the last
+            evaluate                    # every eval_every steps (not the last: the final evaluation follows)
+        final evaluation
+
+    `log_now` tells the step whether its metrics will be logged, so a metric measured over the logging window
+    (tokens/s) is measured only then. Returns the last logged metrics merged with the final evaluation.
+    """
+    config, accelerator, state = session.config, session.accelerator, session.state
+    bar = progress_bar(config.max_steps, state.step, name, config.progress_bar and accelerator.is_main_process)
+    last: dict[str, float] = {}
+    while state.step < config.max_steps:
+        log_now = (state.step + 1) % config.log_every == 0 or state.step + 1 == config.max_steps
+        outcome = step(log_now)
+        maybe_checkpoint(session)
+        bar.set_postfix(outcome.progress)
+        bar.update(1)
+        done = state.step == config.max_steps
+        if log_now:
+            session.log(outcome.metrics)
+            last = outcome.metrics
+        if config.eval_every and state.step % config.eval_every == 0 and not done:
+            session.log(evaluate())
+    bar.close()
+    final_eval = evaluate()
+    if final_eval:
+        session.log(final_eval)
+    return {**last, **final_eval}
+
+
 def fit(
     session: Session, stage: Stage, train_rows: Sequence[dict], eval_rows: Sequence[dict]
 ) -> dict[str, float]:
-    """The loop of SFT, RM and DPO, from `state.step` to `max_steps`:
+    """The supervised step of SFT, RM and DPO inside `train_loop`:
 
     1. take the next global batch from the seeded permutation stream and keep this process's micro-batches;
     2. forward/backward each micro-batch, the loss normalised over the global batch (`backward_normalized`);
-    3. stop on a non-finite loss or gradient norm; else clip, step, advance the schedule;
-    4. checkpoint (every `checkpoint_every`), then log (every `log_every`) and evaluate (every `eval_every`).
+    3. stop on a non-finite loss or gradient norm; else clip, step, advance the schedule.
 
-    Returns the last logged metrics merged with a final evaluation.
+    Returns the last logged metrics merged with a final evaluation on `eval_rows`.
     """
     config, accelerator, state = session.config, session.accelerator, session.state
     train_rows = list(train_rows)
     sampler = EpochPermutationSampler(len(train_rows), config.seed)
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
-    meter, last = ThroughputMeter(), {}
-    bar = progress_bar(
-        config.max_steps, state.step, stage.name, config.progress_bar and accelerator.is_main_process
-    )
-    while state.step < config.max_steps:
+    meter = ThroughputMeter()
+
+    def step(log_now: bool) -> StepOutcome:
         indices, state.position = sampler.take(state.position, global_batch)
         micro = shard_global_batch(
             indices,
@@ -126,20 +174,10 @@ def fit(
         )
         step_metrics = _train_step(session, stage, [[train_rows[i] for i in m] for m in micro])
         meter.update(int(step_metrics.pop("tokens")))
-        maybe_checkpoint(session)
         metrics = {f"{stage.name}/{k}": v for k, v in step_metrics.items()}
-        bar.set_postfix({stage.key_metric: f"{step_metrics[stage.key_metric]:.4f}"})
-        bar.update(1)
-        done = state.step == config.max_steps
-        if state.step % config.log_every == 0 or done:
+        if log_now:
             metrics[f"{stage.name}/tokens_per_sec"] = meter.rate()
             metrics[f"{stage.name}/peak_memory_mb"] = peak_memory_mb(accelerator.device)
-            session.log(metrics)
-            last = metrics
-        if config.eval_every and state.step % config.eval_every == 0 and not done:
-            session.log(evaluate(session, stage, eval_rows))
-    bar.close()
-    final_eval = evaluate(session, stage, eval_rows)
-    if final_eval:
-        session.log(final_eval)
-    return {**last, **final_eval}
+        return StepOutcome(metrics, {stage.key_metric: f"{step_metrics[stage.key_metric]:.4f}"})
+
+    return train_loop(session, stage.name, step, lambda: evaluate(session, stage, eval_rows))
