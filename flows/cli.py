@@ -146,10 +146,10 @@ def resolve_tracking_uri(option: str | None, config: Path | None = None) -> str:
 
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page when the store is an MLflow server (None for a local store: it needs `rlhf ui` first)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return None
+    """The run's page on the MLflow server in use (None for a local store nothing serves: `rlhf ui` first)."""
+    from tasks.tracking import run_url
+
+    return run_url(tracking_uri, experiment_id, run_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from tasks.runner import StageEnv
 from tasks.sft import sft_task
 from tasks.validate import validate_task
 
-LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+RLHF_UI_DEFAULT = "http://127.0.0.1:5000"  # `rlhf ui`'s address: a local store nothing serves yet opens there
 CANDIDATE, CHAMPION = "candidate", "champion"
 CLI_PRINTS_RESULTS = "RLHF_CLI_PRINTS_RESULTS"
 
@@ -88,10 +88,11 @@ class PipelineResult(BaseModel):
 
 
 def mlflow_run_url(config: PipelineConfig, experiment_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or on the local UI (`rlhf ui` / `mlflow ui`) for a SQLite store."""
+    """The run's page on the MLflow server in use (the tracking server, or `$RLHF_MLFLOW_UI_URL` serving the
+    local store: `tracking.ui_url`), else where `rlhf ui` will show it."""
     uri = config.tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (tracking.run_url(uri, experiment_id, run_id)
+            or f"{RLHF_UI_DEFAULT}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
 def _flow_run() -> tuple[str | None, str | None]:

@@ -91,8 +91,9 @@ wait_http mlflow "http://127.0.0.1:${MLFLOW_PORT}/health"
 prefect work-pool inspect "$POOL" >/dev/null 2>&1 || prefect work-pool create "$POOL" --type process
 PWD=$(pwd) prefect --no-prompt deploy --all
 
-# 4. A worker that runs the pool's flow runs as subprocesses of this checkout.
-start_bg worker prefect worker start --pool "$POOL" --type process
+# 4. A worker that runs the pool's flow runs as subprocesses of this checkout. The pipeline writes the local
+#    store directly; RLHF_MLFLOW_UI_URL makes the MLflow links it logs open the server of step 2.
+RLHF_MLFLOW_UI_URL="http://127.0.0.1:${MLFLOW_PORT}" start_bg worker prefect worker start --pool "$POOL" --type process
 sleep 3
 running worker || { echo "error: the worker exited:" >&2; tail -n 30 "$STATE/worker.log" >&2; exit 1; }
 

@@ -32,9 +32,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from rlhf_core.collection import (
     CollectConfig,
     Collected,
@@ -54,7 +51,7 @@ from tasks import caching, tracking
 from tasks.base_model import directory_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import DataRef, StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 from tasks.validate import store_rows
 
 STAGE = "collect"
@@ -141,7 +138,7 @@ def _store(env: StageEnv, settings: CollectConfig, collected: Collected, source:
     return refs
 
 
-@task(name="collect", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("collect")
 def collect_task(env: StageEnv, validated: StagePointer, policy: StagePointer,
                  settings: CollectConfig | None = None) -> StagePointer:
     """Collect rankings of `policy`'s responses to the validated `prompts_train` (settings: `settings`, else

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from rlhf_core.trainers.dpo import train_dpo
 from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import DataRef, StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 DATA = ("preference_train", "preference_eval")
 CURVES = ("dpo/loss", "dpo/reward_margin", "dpo/reward_accuracy", "dpo/chosen_rewards", "dpo/rejected_rewards")
@@ -25,7 +22,7 @@ def preference_pairs(ref: DataRef) -> list[dict]:
     return list(ranking_to_pairs(rows))
 
 
-@task(name="dpo", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("dpo")
 def dpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer) -> StagePointer:
     """Train the DPO policy from the SFT model; returns the policy pointer."""
     data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rlhf_core.collection import import_callable
 from rlhf_core.evaluation import evaluate_models
@@ -23,7 +21,7 @@ from tasks import tracking
 from tasks.caching import module_source_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 SAMPLES_TABLE = "eval_samples.json"
 
@@ -49,7 +47,7 @@ def _model_runs(env: StageEnv, run: StageRun, models: Mapping[str, StagePointer]
     return out
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("evaluate")
 def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, StagePointer],
                   reference: StagePointer, reward_model: StagePointer | None = None) -> StagePointer:
     """Evaluate `models` (`{"sft": ..., "policy": ..., "base": ...}`) on `prompts_eval`; KL against `reference`.

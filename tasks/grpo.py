@@ -6,21 +6,18 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from rlhf_core.trainers.grpo import train_grpo
 from tasks.caching import module_source_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 DATA = ("prompts_train", "prompts_eval")
 # Curves: every metric about reward, score, KL, clipping or length (the trainer's names, whatever their exact set).
 CURVE_WORDS = ("reward", "score", "kl", "clip_fraction", "response_length", "no_eos")
 
 
-@task(name="grpo", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("grpo")
 def grpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
               reward_model: StagePointer | None = None) -> StagePointer:
     """Train the GRPO/RLOO policy (init and reference: SFT; reward: the RM and/or `grpo.reward_functions`);

@@ -5,21 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from rlhf_core.trainers.ppo import train_ppo
 from tasks.caching import module_source_digest
 from tasks.lengths import measured, resolve_stage_lengths, sampling_lengths
 from tasks.pointers import StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 DATA = ("prompts_train", "prompts_eval")
 # Curves: every PPO metric about reward, score or KL (the trainer's names, whatever their exact set).
 CURVE_WORDS = ("reward", "score", "kl", "explained_variance")
 
 
-@task(name="ppo", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("ppo")
 def ppo_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
              reward_model: StagePointer | None = None) -> StagePointer:
     """Train the PPO policy (init and reference: SFT; reward: the RM and/or `ppo.reward_functions`); returns the

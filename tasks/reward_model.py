@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer
 
 from rlhf_core.lengths import measure_lengths, merge_stats
@@ -11,13 +9,13 @@ from rlhf_core.trainers.reward import train_reward_model
 from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 DATA = ("preference_train", "preference_eval")
 CURVES = ("rm/loss", "rm/accuracy", "rm/reward_margin", "rm/eval_accuracy")
 
 
-@task(name="reward_model", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("reward_model")
 def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
                       collected: StagePointer | None = None) -> StagePointer:
     """Train the RM from the SFT model on preference (or ranking) rows — the validated `datasets.preferences`,

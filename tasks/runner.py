@@ -3,11 +3,13 @@
     pointer = run_stage(env, "dpo", stage_config=cfg.dpo, data={...}, upstream={"sft": sft}, execute=train)
 
 `execute(run)` is the stage's own few lines (load rows, call the `rlhf_core` trainer with `run.output_dir` and
-`run.logger`); everything about caching, locking, MLflow runs and tags is here, once.
+`run.logger`); everything about caching, locking, MLflow runs and tags is here, once. `@stage_task("dpo")` makes
+the function that calls `run_stage` a Prefect task.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -16,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from tasks import caching, tracking
 from tasks.pointers import DataRef, StagePointer
@@ -25,6 +30,9 @@ if TYPE_CHECKING:  # the config object is passed in; its type lives in schemas/,
 
 log = logging.getLogger(__name__)
 STARTED, REUSED = "started", "reused"
+CACHED = "Cached"
+"""The Prefect state name of a stage task whose result was reused: the name Prefect gives its own cache hits, so
+its UI shows such a task run as Cached, not as one more Completed run."""
 
 
 def announce(stage: str, event: str, detail: str) -> None:
@@ -38,6 +46,41 @@ def announce(stage: str, event: str, detail: str) -> None:
     except MissingContextError:
         logger = log
     logger.info("Stage %s %s: %s", stage, event, detail)
+
+
+class StageTask:
+    """A stage's Prefect task (`stage_task`): calling it runs the task and returns the stage's pointer, also when
+    the task run ended in the `Cached` state. `fn` is the plain function (no Prefect task run)."""
+
+    def __init__(self, prefect_task: Task, fn: Callable[..., StagePointer]) -> None:
+        self.task, self.fn = prefect_task, fn
+
+    def with_options(self, **options: Any) -> StageTask:
+        return StageTask(self.task.with_options(**options), self.fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> StagePointer:
+        returned = self.task(*args, **kwargs)
+        # Prefect hands back the state a task returned, as is; its result is the pointer.
+        return returned.result() if isinstance(returned, State) else returned
+
+
+def stage_task(name: str) -> Callable[[Callable[..., StagePointer]], StageTask]:
+    """Make `fn` (which returns the stage's pointer, from `run_stage`) the Prefect task of stage `name`. A pointer
+    reused from the cache ends the task run in the Completed state named `Cached`, an executed one in
+    `Completed`, so Prefect's UI tells them apart."""
+
+    def decorate(fn: Callable[..., StagePointer]) -> StageTask:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> StagePointer | State:
+            pointer = fn(*args, **kwargs)
+            if pointer.reused:  # a task that returns a state ends in that state
+                return Completed(data=pointer, name=CACHED, message=f"reused MLflow run {pointer.run_id}")
+            return pointer
+
+        # NO_CACHE: caching is ours (tasks/caching.py), keyed on inputs and checked against MLflow.
+        return StageTask(task(name=name, cache_policy=NO_CACHE, persist_result=False)(run), fn)
+
+    return decorate
 
 
 @dataclass(frozen=True)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from rlhf_core.trainers.sft import train_sft
 from tasks.launch import stage_key_config, train_launched
 from tasks.lengths import measured, resolve_stage_lengths
 from tasks.pointers import StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 DATA = ("sft_train", "sft_eval")
 
 
-# NO_CACHE: caching is ours (tasks/caching.py), keyed on inputs and checked against MLflow.
-@task(name="sft", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("sft")
 def sft_task(env: StageEnv, validated: StagePointer, base: StagePointer) -> StagePointer:
     """Train SFT from `base` on `sft_train` (eval loss on `sft_eval`); returns the SFT pointer."""
     data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -81,6 +82,25 @@ def git_commit() -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # Experiment and runs
 # --------------------------------------------------------------------------------------------------------------
+
+
+UI_URL_ENV = "RLHF_MLFLOW_UI_URL"
+"""An MLflow server showing the pipeline's local store (`scripts/serve_local.sh` sets it for its worker)."""
+
+
+def ui_url(tracking_uri: str) -> str | None:
+    """The MLflow UI that shows the store at `tracking_uri`: the tracking server itself when the store is one,
+    else `$RLHF_MLFLOW_UI_URL` (an `mlflow server` over the same local store), else None (nothing serves it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    served = os.environ.get(UI_URL_ENV, "").strip()
+    return served.rstrip("/") or None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page on `ui_url(tracking_uri)`, or None when nothing serves the store."""
+    base = ui_url(tracking_uri)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
 
 
 def tracking_client(tracking_uri: str) -> MlflowClient:

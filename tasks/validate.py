@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer
 
 from rlhf_core.atomic import atomic_open, sha256_file
@@ -23,7 +21,7 @@ from schemas import DataValidationError, canonical_json, content_digest, load_ro
 from tasks import tracking
 from tasks.lengths import LENGTHS_KEY
 from tasks.pointers import DataRef, StagePointer
-from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage
+from tasks.runner import StageEnv, StageOutcome, StageRun, read_rows, run_stage, stage_task
 
 if TYPE_CHECKING:
     from schemas.config import DatasetSource
@@ -143,7 +141,7 @@ def _lengths_table(lengths: dict[str, dict[str, LengthStats]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+@stage_task("validate")
 def validate_task(env: StageEnv, base: StagePointer) -> StagePointer:
     """Validate the data and measure its token lengths with the `base` model's tokenizer; returns a pointer whose
     `datasets` every training stage reads and whose `extra["lengths"]` resolves their `auto` length limits."""

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.required import skip_unless_ci
+from helpers.browser import headless_chromium
 
 from flows.labeling_app import display_order, make_server
 from rlhf_core.collection import (
@@ -48,10 +48,6 @@ from rlhf_core.collection import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1100,1000")
 WAIT_S = 15
 
 PROMPTS = [
@@ -411,25 +407,8 @@ class ServerProcess:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        skip_unless_ci("selenium (pip install selenium)")
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        skip_unless_ci(f"Debian's chromium and chromium-driver ({', '.join(missing)})")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM  # with both paths given, selenium-manager never downloads anything
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT_S)
-    try:
+    with headless_chromium(tmp_path / "chrome-profile", window_size="1100,1000", page_load_timeout=WAIT_S) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 class Page:

@@ -32,6 +32,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from helpers.browser import headless_chromium, mlflow_ui, open_mlflow_runs_table
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -116,10 +117,18 @@ def first(project: Project) -> PipelineResult:
     return rlhf_pipeline(str(project.config))
 
 
-def _task_run_names(flow_run_id: str) -> list[str]:
+def _task_runs(flow_run_id: str) -> list:
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted(r.name.rsplit("-", 1)[0] for r in runs)
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _task_run_names(flow_run_id: str) -> list[str]:
+    return sorted(r.name.rsplit("-", 1)[0] for r in _task_runs(flow_run_id))
+
+
+def _task_run_states(flow_run_id: str) -> dict[str, str]:
+    """Stage → the name of its task run's final state, as Prefect's UI shows it."""
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in _task_runs(flow_run_id)}
 
 
 def _flow_artifacts(flow_run_id: str) -> dict[str, object]:
@@ -133,6 +142,7 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     # Then: one Prefect task run per stage, all executed now.
     assert _task_run_names(first.flow_run_id) == sorted(STAGES)
     assert first.executed() == STAGES
+    assert _task_run_states(first.flow_run_id) == dict.fromkeys(STAGES, "Completed")
 
     # One MLflow parent run tagged with the flow run, one child run per stage under it.
     parent = project.client.get_run(first.parent_run_id)
@@ -209,13 +219,22 @@ def test_lineage_from_the_registered_model_reaches_every_dataset_digest(project:
     assert base and base[0].model_uri.endswith("tiny-seed0")
 
 
-def test_a_rerun_is_fully_cached(project: Project, first: PipelineResult) -> None:
+def test_a_rerun_is_fully_cached(project: Project, first: PipelineResult, monkeypatch: pytest.MonkeyPatch) -> None:
     before = {r.info.run_id for r in project.stage_runs()}
+    # An MLflow server shows this local store elsewhere than `rlhf ui`'s port (as under scripts/serve_local.sh).
+    served = "http://127.0.0.1:5999"
+    monkeypatch.setenv("RLHF_MLFLOW_UI_URL", served)
 
     again = rlhf_pipeline(str(project.config))
 
     # Then nothing executed: no new stage runs, no new model version; the parent records what it reused.
     assert again.executed() == []
+    # Prefect shows every stage as a cache hit, not as one more Completed run.
+    assert _task_run_states(again.flow_run_id) == dict.fromkeys(STAGES, "Cached")
+    # The flow run's link (and the printed one) open that server's page of the parent run.
+    page = f"{served}/#/experiments/{again.experiment_id}/runs/{again.parent_run_id}"
+    assert again.mlflow_run_url == page
+    assert _flow_artifacts(again.flow_run_id)["mlflow-run"].data.endswith(f"]({page})")
     assert {r.info.run_id for r in project.stage_runs()} == before
     tags = project.client.get_run(again.parent_run_id).data.tags
     for stage in STAGES:
@@ -230,6 +249,8 @@ def test_changing_the_dpo_beta_reruns_only_dpo_and_evaluation(project: Project, 
     assert result.executed() == ["dpo", "evaluate"]
     for stage in ("validate", "sft", "reward_model"):
         assert result.stages[stage].run_id == first.stages[stage].run_id
+    assert _task_run_states(result.flow_run_id) == {"validate": "Cached", "sft": "Cached", "reward_model": "Cached",
+                                                    "dpo": "Completed", "evaluate": "Completed"}
     dpo = project.client.get_run(result.stages["dpo"].run_id)
     assert dpo.data.params["dpo.dpo_beta"] == "0.2"
     assert project.client.get_model_version_by_alias("rlhf-policy", "candidate").run_id == dpo.info.run_id
@@ -295,6 +316,57 @@ def test_a_pipeline_killed_during_ppo_resumes_ppo_from_its_checkpoint(project: P
     assert project.client.get_run(killed[0].info.run_id).info.status == "KILLED"
     steps = [m.step for m in project.client.get_metric_history(ppo.run_id, "ppo/kl")]
     assert steps and min(steps) > ppo.resumed_from_step and max(steps) == 12
+
+
+WIN_RATE = "eval/win_rate_gold"
+# Per run id (ag-grid's row id): the run-name link and the win-rate cell, as the page shows them.
+READ_RUNS_TABLE = """
+const shown = {};
+for (const row of document.querySelectorAll('[role=row][row-id]')) {
+  const run = shown[row.getAttribute('row-id')] ??= {};
+  const link = row.querySelector('a[href*="/runs/"]');
+  if (link) run.name = link.innerText.trim();
+  const cell = row.querySelector(`[col-id="${arguments[0]}"]`);
+  if (cell) run.value = cell.innerText.trim();
+}
+return shown;
+"""
+
+
+def test_the_mlflow_ui_lists_the_pipeline_runs_with_their_win_rates(project: Project, tmp_path: Path) -> None:
+    # Given the pipelines run above, DPO and PPO: each parent run is named <pipeline>-<algorithm>-<UTC start> and
+    # carries its policy's gold win rate (read from the store, not from the page).
+    config = load_config(project.config)
+    experiment_id = project.client.get_experiment_by_name("rlhf-test").experiment_id
+    pipelines = project.client.search_runs(experiment_id, "tags.rlhf.kind = 'pipeline'", max_results=100)
+    evaluated = {r.info.run_id: (r.info.run_name, r.data.metrics[WIN_RATE]) for r in pipelines
+                 if WIN_RATE in r.data.metrics}
+    named = [re.fullmatch(r"test-pipeline-(dpo|ppo)-\d{8}-\d{6}", name) for name, _ in evaluated.values()]
+    assert all(named) and {m[1] for m in named} == {"dpo", "ppo"}, evaluated
+
+    # When a person opens the experiment's runs table in the MLflow UI (a real `rlhf ui` process, headless
+    # Chromium), filtered to pipeline runs, with the win rate picked as a column.
+    with mlflow_ui(config.tracking_uri(), config.artifact_location(), tmp_path / "ui.log") as url, \
+            headless_chromium(tmp_path / "profile", window_size="1800,1000") as driver:
+        open_mlflow_runs_table(driver, url, experiment_id, "tags.rlhf.kind = 'pipeline'",
+                               [f"metrics.`{WIN_RATE}`"])
+
+        def complete() -> bool:  # React renders the rows after the page has loaded
+            shown = driver.execute_script(READ_RUNS_TABLE, f"metrics.`{WIN_RATE}`")
+            return all(shown.get(run, {}).get("value") not in (None, "", "-") for run in evaluated)
+
+        deadline = time.monotonic() + 90
+        while not complete() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shown = driver.execute_script(READ_RUNS_TABLE, f"metrics.`{WIN_RATE}`")
+
+    # Then every evaluated pipeline run is a row under its name, showing its win rate.
+    for run_id, (name, win_rate) in evaluated.items():
+        assert run_id in shown, f"run {name} not in the runs table: {shown}"
+        assert shown[run_id].get("name") == name
+        value = shown[run_id].get("value")
+        assert value not in (None, "", "-"), f"no {WIN_RATE} shown for run {name}: {shown[run_id]}"
+        assert float(value) == pytest.approx(win_rate, rel=1e-6)
 
 
 def test_invalid_data_stops_the_flow_before_any_training(project: Project) -> None:
