@@ -344,7 +344,8 @@ def main() -> None:
     (results_dir / f"{key}.json").write_text(json.dumps({**run, "summary": summary}, indent=1))
     info = machine()
     trl_versions = versions(python_of(VENV_TRL))
-    ppo_versions = versions(python_of(VENV_TRL_PPO))
+    # TRL 1.12's venv is needed only for the PPO pair.
+    ppo_versions = versions(python_of(VENV_TRL_PPO)) if (VENV_TRL_PPO / "bin" / "python").is_file() else {}
     shapes = run["shapes"]
     command = f"python bench/speed.py --model {args.model} --reps {args.reps} --stages {args.stages}" + \
         (f" --threads {args.threads}" if args.threads else "") + \
