@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rlhf_core.callbacks import ListLogger
+from rlhf_core.launch_worker import leave_process_group
 from rlhf_core.trainers.dpo import DPOConfig, train_dpo
 from rlhf_core.trainers.sft import SFTConfig, train_sft
 
@@ -44,6 +45,7 @@ def main(spec_path: str) -> None:
     if dist.get_rank() == 0:  # only the main process logs
         metrics = {"world_size": dist.get_world_size(), "sft": sft_logger.records, "dpo": dpo_logger.records}
         (out / "metrics.json").write_text(json.dumps(metrics))
+    leave_process_group()
 
 
 if __name__ == "__main__":
