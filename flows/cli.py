@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -157,53 +156,40 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class StageProgress(logging.Handler):
-    """Turns Prefect's log records into a line when a stage starts and one when it ends:
+class StageProgress:
+    """A line when a stage starts and one when it ends, from the stage tasks' Prefect state hooks
+    (`tasks.runner.stage_listener`):
 
         [2/5] ▶ sft started
-        [2/5] ✔ sft completed in 41.2 s            (or: ✔ sft reused from the cache in 0.3 s)
+        [2/5] ✔ sft completed in 41.2 s            (or: ✔ sft reused from the cache in 0.3 s; ✘ sft failed …)
 
-    Prefect's task loggers attach `task_run_id` and `task_name` to every record; a stage logs "Stage <name>
-    started: …" or "Stage <name> reused: …" (`tasks.runner.announce`), and the engine logs "Finished in state
-    <State>" when a task run ends; the flow logs "Beginning flow run" when it starts. The pipeline runs its stages
-    one after the other, so a stage took the time since the previous one finished.
+    A retried stage shows its attempt number. The time is the attempt's own, from its Running state to its end.
     """
 
     def __init__(self, out: Console, stages: list[str]) -> None:
-        super().__init__(level=logging.INFO)
         self.out = out
         self.stages = stages
         self.finished: list[str] = []
-        self.reused: set[str] = set()
-        self.mark = time.monotonic()
+        self.started_at: dict[str, float] = {}
 
     def _position(self) -> str:
         return f"[dim][{len(self.finished) + 1}/{len(self.stages)}][/]"
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if getattr(record, "flow_run_id", None) and message.startswith("Beginning flow run"):
-            self.mark = time.monotonic()
+    def __call__(self, stage: str, state: Any, attempt: int) -> None:
+        now = time.monotonic()
+        if state.is_running():
+            self.started_at[stage] = now
+            again = f" (attempt {attempt})" if attempt > 1 else ""
+            self.out.print(f"{self._position()} [cyan]▶[/] {escape(stage)} started{again}")
             return
-        name = getattr(record, "task_name", None)
-        if not getattr(record, "task_run_id", None) or not name:
-            return
-        if announced := re.match(r"Stage (\S+) (started|reused): ", message):
-            if announced[2] == "reused":
-                self.reused.add(name)
-            else:
-                self.out.print(f"{self._position()} [cyan]▶[/] {escape(name)} started")
-            return
-        match = re.match(r"Finished in state (\w+)", message)
-        if match is None:
-            return
-        now, state = time.monotonic(), match[1]
-        ok = state in ("Completed", "Cached")
+        from tasks.runner import CACHED
+
+        ok = state.is_completed()
         mark = "[green]✔[/]" if ok else "[red]✘[/]"
-        what = "reused from the cache" if ok and name in self.reused else state.lower()
-        self.out.print(f"{self._position()} {mark} {escape(name)} {what} in {now - self.mark:.1f} s")
-        self.finished.append(name)
-        self.mark = now
+        what = "reused from the cache" if state.name == CACHED else state.name.lower()
+        took = now - self.started_at.get(stage, now)
+        self.out.print(f"{self._position()} {mark} {escape(stage)} {what} in {took:.1f} s")
+        self.finished.append(stage)
 
 
 def _find_pipeline_run(tracking_uri: str, flow_run_id: str) -> Any | None:
@@ -299,18 +285,14 @@ def run(
     except ConfigError as exc:
         raise _bad_input(exc) from exc
     from flows.pipeline import rlhf_pipeline
+    from tasks.runner import stage_listener
 
     _quiet_library_chatter(loud)
     stages = cfg.active_stages()
     console.rule(f"[bold]rlhf pipeline[/] {escape(str(config))}")
     console.print(f"stages: {' → '.join(stages)}")
-    progress = StageProgress(console, stages)
-    prefect_logger = logging.getLogger("prefect")
-    prefect_logger.addHandler(progress)
-    try:
+    with stage_listener(StageProgress(console, stages)):
         state = rlhf_pipeline(str(config), pairs, return_state=True)
-    finally:
-        prefect_logger.removeHandler(progress)
     flow_run_id = str(state.state_details.flow_run_id)
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     console.rule()
@@ -327,7 +309,7 @@ def _quiet_library_chatter(verbose: bool) -> None:
     """The stage lines and the trainers' progress bars are the progress display: no per-load progress bars from
     transformers and, unless `verbose`, no INFO lines from MLflow (database set-up, system-metrics sampler) or
     on Prefect's console (task states, the temporary server); warnings and errors still show. Prefect's loggers
-    keep INFO: `StageProgress` reads the task-state records, and the Prefect UI keeps every record."""
+    keep INFO, so the Prefect UI keeps every record."""
     from prefect.logging.handlers import PrefectConsoleHandler
     from transformers.utils import logging as hf_logging
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,8 @@ its UI shows such a task run as Cached, not as one more Completed run."""
 
 
 def announce(stage: str, event: str, detail: str) -> None:
-    """`Stage <stage> <event>: <detail>` on the Prefect task run's log (the Prefect UI shows it; `rlhf run` turns
-    it into its start line), or on this module's logger outside a Prefect run."""
+    """`Stage <stage> <event>: <detail>` on the Prefect task run's log (the Prefect UI shows it), or on this
+    module's logger outside a Prefect run."""
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
@@ -46,6 +47,28 @@ def announce(stage: str, event: str, detail: str) -> None:
     except MissingContextError:
         logger = log
     logger.info("Stage %s %s: %s", stage, event, detail)
+
+
+StageListener = Callable[[str, State, int], None]
+"""Told `(stage, state, attempt)` by the stage task's Prefect state hooks: the Running state when an attempt starts,
+the final state (Completed, Cached or Failed) when the task run ends. `rlhf run` draws its progress lines from it."""
+_stage_listeners: list[StageListener] = []
+
+
+@contextmanager
+def stage_listener(listener: StageListener) -> Iterator[None]:
+    """Tell `listener` about every stage task's state changes in this process while the block runs."""
+    _stage_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _stage_listeners.remove(listener)
+
+
+def _tell_stage_listeners(prefect_task: Task, task_run: Any, state: State) -> None:
+    """The Prefect state hook (on_running, on_completion, on_failure) of every stage task."""
+    for listener in tuple(_stage_listeners):
+        listener(prefect_task.name, state, max(task_run.run_count, 1))
 
 
 class StageTask:
@@ -78,7 +101,10 @@ def stage_task(name: str) -> Callable[[Callable[..., StagePointer]], StageTask]:
             return pointer
 
         # NO_CACHE: caching is ours (tasks/caching.py), keyed on inputs and checked against MLflow.
-        return StageTask(task(name=name, cache_policy=NO_CACHE, persist_result=False)(run), fn)
+        hook = [_tell_stage_listeners]
+        prefect_task = task(name=name, cache_policy=NO_CACHE, persist_result=False, on_running=hook,
+                            on_completion=hook, on_failure=hook)(run)
+        return StageTask(prefect_task, fn)
 
     return decorate
 
