@@ -70,8 +70,9 @@ def task_rows(data_dir: Path = DATA_DIR) -> dict[str, list[dict]]:
     }
     missing = [name for name in files.values() if not (data_dir / name).is_file()]
     if missing:
-        raise SystemExit(f"{data_dir} lacks {missing}: regenerate with `python -m rlhf_core.support_bot --out "
-                         f"{data_dir}`")
+        raise SystemExit(
+            f"{data_dir} lacks {missing}: regenerate with `python -m rlhf_core.support_bot --out {data_dir}`"
+        )
     return {key: read_jsonl(data_dir / name) for key, name in files.items()}
 
 
@@ -120,8 +121,7 @@ def versions(python: str | Path = sys.executable) -> dict[str, str]:
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))"
     )
-    return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True,
-                                     check=True).stdout)
+    return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def utc_now() -> str:

@@ -38,29 +38,42 @@ def run(stage: str, model: Path, rows: dict, steps: int, batch_size: int, out: P
     if stage == "sft":
         from rlhf_core.trainers.sft import SFTConfig, train_sft
 
-        config = SFTConfig(max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None,
-                           progress_bar=False)
+        config = SFTConfig(
+            max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None, progress_bar=False
+        )
         train_sft(config, model, rows["sft"][: steps * batch_size], [], out, logger)
     elif stage == "dpo":
         from rlhf_core.trainers.dpo import DPOConfig, train_dpo
 
-        config = DPOConfig(max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None,
-                           progress_bar=False)
+        config = DPOConfig(
+            max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None, progress_bar=False
+        )
         train_dpo(config, model, rows["prefs"][: steps * batch_size], [], out, logger)
     elif stage == "rm":
         from rlhf_core.trainers.reward import RewardConfig, train_reward_model
 
-        config = RewardConfig(max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None,
-                              progress_bar=False)
+        config = RewardConfig(
+            max_steps=steps, batch_size=batch_size, max_prompt_len=None, max_response_len=None, progress_bar=False
+        )
         train_reward_model(config, model, rows["prefs"][: steps * batch_size], [], out, logger)
     else:
         from rlhf_core.trainers.ppo import PPOConfig, train_ppo
 
-        config = PPOConfig(max_steps=steps, batch_size=batch_size, grad_accum_steps=2, rollout_batch_size=2 * batch_size,
-                           ppo_epochs=2, max_new_tokens=32, critic="separate", weak_reward_model="warn",
-                           progress_bar=False, max_prompt_len=None)
-        train_ppo(config, model, initial_reward_model(model), rows["prompts"], out, logger,
-                  reward_model_eval_accuracy=1.0)
+        config = PPOConfig(
+            max_steps=steps,
+            batch_size=batch_size,
+            grad_accum_steps=2,
+            rollout_batch_size=2 * batch_size,
+            ppo_epochs=2,
+            max_new_tokens=32,
+            critic="separate",
+            weak_reward_model="warn",
+            progress_bar=False,
+            max_prompt_len=None,
+        )
+        train_ppo(
+            config, model, initial_reward_model(model), rows["prompts"], out, logger, reward_model_eval_accuracy=1.0
+        )
 
 
 def main() -> None:

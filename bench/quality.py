@@ -71,17 +71,53 @@ class Recipe:
 
 RECIPES = {
     # A randomly initialised 2-layer model: SFT has to teach it the task's language, hence the high rates.
-    "tiny": Recipe(sft_steps=200, sft_batch=16, sft_lr=3e-3, rm_steps=150, rm_batch=16, rm_lr=1e-3,
-                   ppo_iterations=40, ppo_rollout=32, ppo_batch=16, ppo_epochs=4, ppo_lr=3e-4, dpo_steps=150,
-                   dpo_batch=16, dpo_lr=3e-4, max_new_tokens=48, eval_prompts=64,
-                   ppo_betas=(0.01, 0.05, 0.2), dpo_betas=(0.05, 0.1, 0.5), ppo_beta=0.05, dpo_beta=0.1),
+    "tiny": Recipe(
+        sft_steps=200,
+        sft_batch=16,
+        sft_lr=3e-3,
+        rm_steps=150,
+        rm_batch=16,
+        rm_lr=1e-3,
+        ppo_iterations=40,
+        ppo_rollout=32,
+        ppo_batch=16,
+        ppo_epochs=4,
+        ppo_lr=3e-4,
+        dpo_steps=150,
+        dpo_batch=16,
+        dpo_lr=3e-4,
+        max_new_tokens=48,
+        eval_prompts=64,
+        ppo_betas=(0.01, 0.05, 0.2),
+        dpo_betas=(0.05, 0.1, 0.5),
+        ppo_beta=0.05,
+        dpo_beta=0.1,
+    ),
     # SmolLM2-135M-Instruct already follows instructions: short SFT, small rates.
     # Meant for ~20 minutes on 2 CPU cores; measured 2026-12-01 on 2 cores shared with a speed benchmark:
     # SFT 9.6 min, RM 19.6 min, PPO 42.5 min, DPO (cut to dpo_steps=8 on 64 pairs) 19.8 min, evaluation apart.
-    "smollm2": Recipe(sft_steps=10, sft_batch=8, sft_lr=2e-5, rm_steps=20, rm_batch=8, rm_lr=2e-5,
-                      ppo_iterations=6, ppo_rollout=16, ppo_batch=8, ppo_epochs=2, ppo_lr=1e-5, dpo_steps=20,
-                      dpo_batch=8, dpo_lr=5e-6, max_new_tokens=40, eval_prompts=32,
-                      ppo_betas=(0.02, 0.05, 0.2), dpo_betas=(0.05, 0.1, 0.5), ppo_beta=0.05, dpo_beta=0.1),
+    "smollm2": Recipe(
+        sft_steps=10,
+        sft_batch=8,
+        sft_lr=2e-5,
+        rm_steps=20,
+        rm_batch=8,
+        rm_lr=2e-5,
+        ppo_iterations=6,
+        ppo_rollout=16,
+        ppo_batch=8,
+        ppo_epochs=2,
+        ppo_lr=1e-5,
+        dpo_steps=20,
+        dpo_batch=8,
+        dpo_lr=5e-6,
+        max_new_tokens=40,
+        eval_prompts=32,
+        ppo_betas=(0.02, 0.05, 0.2),
+        dpo_betas=(0.05, 0.1, 0.5),
+        ppo_beta=0.05,
+        dpo_beta=0.1,
+    ),
 }
 
 
@@ -117,8 +153,17 @@ def run_stage(timer: Timer, name: str, output_dir: Path, resume: bool, fn: Any, 
     return result.model_dir, result.metrics
 
 
-def train_seed(model: str, base: Path, rows: dict, recipe: Recipe, seed: int, betas: dict, workdir: Path,
-               timer: Timer, resume: bool = False) -> dict[str, Path]:
+def train_seed(
+    model: str,
+    base: Path,
+    rows: dict,
+    recipe: Recipe,
+    seed: int,
+    betas: dict,
+    workdir: Path,
+    timer: Timer,
+    resume: bool = False,
+) -> dict[str, Path]:
     """SFT → RM, then PPO and DPO at every β; returns name → model directory (plus "rm")."""
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
@@ -127,31 +172,90 @@ def train_seed(model: str, base: Path, rows: dict, recipe: Recipe, seed: int, be
 
     held_out_prefs = rows["eval_prefs"]
     common = {"seed": seed, "progress_bar": False, "log_every": 10}
-    sft, _ = run_stage(timer, f"seed{seed}/sft", workdir / "sft", resume, train_sft, SFTConfig(
-        max_steps=recipe.sft_steps, batch_size=recipe.sft_batch, learning_rate=recipe.sft_lr,
-        warmup_steps=recipe.sft_steps // 10, lr_schedule="cosine", **common), base, rows["sft"], rows["eval_sft"],
-        workdir / "sft")
-    rm, rm_metrics = run_stage(timer, f"seed{seed}/rm", workdir / "rm", resume, train_reward_model, RewardConfig(
-        max_steps=recipe.rm_steps, batch_size=recipe.rm_batch, learning_rate=recipe.rm_lr,
-        warmup_steps=recipe.rm_steps // 10, lr_schedule="cosine", **common), sft, rows["prefs"], held_out_prefs,
-        workdir / "rm")
+    sft, _ = run_stage(
+        timer,
+        f"seed{seed}/sft",
+        workdir / "sft",
+        resume,
+        train_sft,
+        SFTConfig(
+            max_steps=recipe.sft_steps,
+            batch_size=recipe.sft_batch,
+            learning_rate=recipe.sft_lr,
+            warmup_steps=recipe.sft_steps // 10,
+            lr_schedule="cosine",
+            **common,
+        ),
+        base,
+        rows["sft"],
+        rows["eval_sft"],
+        workdir / "sft",
+    )
+    rm, rm_metrics = run_stage(
+        timer,
+        f"seed{seed}/rm",
+        workdir / "rm",
+        resume,
+        train_reward_model,
+        RewardConfig(
+            max_steps=recipe.rm_steps,
+            batch_size=recipe.rm_batch,
+            learning_rate=recipe.rm_lr,
+            warmup_steps=recipe.rm_steps // 10,
+            lr_schedule="cosine",
+            **common,
+        ),
+        sft,
+        rows["prefs"],
+        held_out_prefs,
+        workdir / "rm",
+    )
     models = {"sft": sft, "rm": rm}
     for beta in betas["ppo"]:
         config = PPOConfig(
-            max_steps=recipe.ppo_iterations, rollout_batch_size=recipe.ppo_rollout, batch_size=recipe.ppo_batch,
-            ppo_epochs=recipe.ppo_epochs, learning_rate=recipe.ppo_lr, kl_coef=beta,
-            max_new_tokens=recipe.max_new_tokens, score_norm="mean_std", weak_reward_model="warn", **common)
+            max_steps=recipe.ppo_iterations,
+            rollout_batch_size=recipe.ppo_rollout,
+            batch_size=recipe.ppo_batch,
+            ppo_epochs=recipe.ppo_epochs,
+            learning_rate=recipe.ppo_lr,
+            kl_coef=beta,
+            max_new_tokens=recipe.max_new_tokens,
+            score_norm="mean_std",
+            weak_reward_model="warn",
+            **common,
+        )
         models[f"ppo β={beta}"], _ = run_stage(
-            timer, f"seed{seed}/ppo β={beta}", workdir / f"ppo-{beta}", resume,
+            timer,
+            f"seed{seed}/ppo β={beta}",
+            workdir / f"ppo-{beta}",
+            resume,
             lambda c, *a: train_ppo(c, *a, reward_model_eval_accuracy=rm_metrics.get("rm/eval_accuracy")),
-            config, sft, rm, rows["prompts"], workdir / f"ppo-{beta}")
+            config,
+            sft,
+            rm,
+            rows["prompts"],
+            workdir / f"ppo-{beta}",
+        )
     for beta in betas["dpo"]:
-        config = DPOConfig(max_steps=recipe.dpo_steps, batch_size=recipe.dpo_batch, learning_rate=recipe.dpo_lr,
-                           dpo_beta=beta, **common)
-        models[f"dpo β={beta}"], _ = run_stage(timer, f"seed{seed}/dpo β={beta}", workdir / f"dpo-{beta}", resume,
-                                               train_dpo, config, sft, rows["prefs"][: recipe.dpo_pairs or None],
-                                               held_out_prefs[: recipe.dpo_eval_pairs or None],
-                                               workdir / f"dpo-{beta}")
+        config = DPOConfig(
+            max_steps=recipe.dpo_steps,
+            batch_size=recipe.dpo_batch,
+            learning_rate=recipe.dpo_lr,
+            dpo_beta=beta,
+            **common,
+        )
+        models[f"dpo β={beta}"], _ = run_stage(
+            timer,
+            f"seed{seed}/dpo β={beta}",
+            workdir / f"dpo-{beta}",
+            resume,
+            train_dpo,
+            config,
+            sft,
+            rows["prefs"][: recipe.dpo_pairs or None],
+            held_out_prefs[: recipe.dpo_eval_pairs or None],
+            workdir / f"dpo-{beta}",
+        )
     models["rm_eval_accuracy"] = rm_metrics.get("rm/eval_accuracy", float("nan"))
     return models
 
@@ -162,10 +266,18 @@ def evaluate_seed(models: dict, rows: dict, recipe: Recipe, seed: int, timer: Ti
     from rlhf_core.support_bot import gold_score
 
     policies = {k: v for k, v in models.items() if k not in ("rm", "rm_eval_accuracy")}
-    report = timer.run(f"seed{seed}/evaluate", evaluate_models, policies, rows["eval_prompts"][: recipe.eval_prompts],
-                       SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=1.0),
-                       reward_model_path=models["rm"], reference_model_path=models["sft"], gold_fn=gold_score,
-                       baseline="sft", seed=1000 + seed)
+    report = timer.run(
+        f"seed{seed}/evaluate",
+        evaluate_models,
+        policies,
+        rows["eval_prompts"][: recipe.eval_prompts],
+        SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=1.0),
+        reward_model_path=models["rm"],
+        reference_model_path=models["sft"],
+        gold_fn=gold_score,
+        baseline="sft",
+        seed=1000 + seed,
+    )
     gold = {name: [row[f"{name}/gold_score"] for row in report.samples] for name in policies}
     return {"metrics": report.metrics, "gold": gold, "samples": report.samples[:3]}
 
@@ -192,8 +304,12 @@ def aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
         metrics = [seed["metrics"][name] for seed in per_seed]
         mean_of = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         gold_mean, gold_se = _mean_stderr(gold)
-        out[name] = {**mean_of, "gold_mean": gold_mean, "gold_stderr": gold_se,
-                     "win_rate_gold_per_seed": [m["eval/win_rate_gold"] for m in metrics]}
+        out[name] = {
+            **mean_of,
+            "gold_mean": gold_mean,
+            "gold_stderr": gold_se,
+            "win_rate_gold_per_seed": [m["eval/win_rate_gold"] for m in metrics],
+        }
     return out
 
 
@@ -202,8 +318,17 @@ def _f(x: float, digits: int = 3) -> str:
 
 
 def table(agg: dict, recipe: Recipe) -> str:
-    header = ["model", "gold score (mean ± s.e.)", "RM score", "KL to SFT (nats/response)", "win vs SFT (gold)",
-              "win vs SFT (RM)", "length (tokens)", "no-EOS share", "distinct-2"]
+    header = [
+        "model",
+        "gold score (mean ± s.e.)",
+        "RM score",
+        "KL to SFT (nats/response)",
+        "win vs SFT (gold)",
+        "win vs SFT (RM)",
+        "length (tokens)",
+        "no-EOS share",
+        "distinct-2",
+    ]
     main = ["sft", f"ppo β={recipe.ppo_beta}", f"dpo β={recipe.dpo_beta}"]
     order = main + [n for n in agg if n not in main]
     rows = []
@@ -211,11 +336,24 @@ def table(agg: dict, recipe: Recipe) -> str:
         if name not in agg:
             continue
         a = agg[name]
-        win = _f(a["eval/win_rate_gold"]) + (f" (seeds: {', '.join(_f(w, 2) for w in a['win_rate_gold_per_seed'])})"
-                                             if len(a["win_rate_gold_per_seed"]) > 1 else "")
-        rows.append([f"**{name}**" if name in main else name, f"{_f(a['gold_mean'])} ± {_f(a['gold_stderr'])}",
-                     _f(a["eval/rm_score"]), _f(a["eval/kl_to_ref"], 2), win, _f(a["eval/win_rate_rm"]),
-                     _f(a["eval/response_length"], 1), _f(a["eval/no_eos_fraction"], 2), _f(a["eval/distinct_2"])])
+        win = _f(a["eval/win_rate_gold"]) + (
+            f" (seeds: {', '.join(_f(w, 2) for w in a['win_rate_gold_per_seed'])})"
+            if len(a["win_rate_gold_per_seed"]) > 1
+            else ""
+        )
+        rows.append(
+            [
+                f"**{name}**" if name in main else name,
+                f"{_f(a['gold_mean'])} ± {_f(a['gold_stderr'])}",
+                _f(a["eval/rm_score"]),
+                _f(a["eval/kl_to_ref"], 2),
+                win,
+                _f(a["eval/win_rate_rm"]),
+                _f(a["eval/response_length"], 1),
+                _f(a["eval/no_eos_fraction"], 2),
+                _f(a["eval/distinct_2"]),
+            ]
+        )
     return markdown_table(header, rows)
 
 
@@ -255,14 +393,15 @@ def plot_frontier(per_seed: list[dict], model: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"ppo": "tab:blue", "dpo": "tab:orange"}
-    for ax, key, label in ((axes[0], "eval/gold_score", "gold score − SFT's (judge)"),
-                           (axes[1], "eval/rm_score", "RM score − SFT's")):
+    for ax, key, label in (
+        (axes[0], "eval/gold_score", "gold score − SFT's (judge)"),
+        (axes[1], "eval/rm_score", "RM score − SFT's"),
+    ):
         for method, pts in frontier_points(per_seed, key).items():
             xs, xerr, ys, yerr, betas = zip(*pts, strict=True) if pts else ((), (), (), (), ())
             xerr = [0.0 if e != e else e for e in xerr]
             yerr = [0.0 if e != e else e for e in yerr]
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, color=colors[method], marker="o", capsize=3,
-                        label=method.upper())
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, color=colors[method], marker="o", capsize=3, label=method.upper())
             for x, y, b in zip(xs, ys, betas, strict=True):
                 ax.annotate(f"β={b}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axhline(0.0, color="black", lw=0.8, ls="--")
@@ -282,8 +421,13 @@ def split_rows(rows: dict) -> dict:
     """Hold out a slice of the demonstrations and pairs for the trainers' own eval losses (eval prompts for the
     judge are the task's held-out prompt file)."""
     held = max(8, len(rows["prefs"]) // 10)
-    return {**rows, "sft": rows["sft"][held:], "eval_sft": rows["sft"][:held], "prefs": rows["prefs"][held:],
-            "eval_prefs": rows["prefs"][:held]}
+    return {
+        **rows,
+        "sft": rows["sft"][held:],
+        "eval_sft": rows["sft"][:held],
+        "prefs": rows["prefs"][held:],
+        "eval_prefs": rows["prefs"][:held],
+    }
 
 
 def override_recipe(recipe: Recipe, assignments: str) -> Recipe:
@@ -295,8 +439,7 @@ def override_recipe(recipe: Recipe, assignments: str) -> Recipe:
         if key not in Recipe.__dataclass_fields__:
             raise SystemExit(f"--set: unknown recipe field {key!r}")
         current = getattr(recipe, key)
-        changes[key] = tuple(float(v) for v in value.split("/")) if isinstance(current, tuple) else \
-            type(current)(value)
+        changes[key] = tuple(float(v) for v in value.split("/")) if isinstance(current, tuple) else type(current)(value)
     return replace(recipe, **changes)
 
 
@@ -304,23 +447,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(RECIPES), default="tiny")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--frontier", choices=["yes", "no"], default="yes",
-                        help="train PPO and DPO at every β of the recipe (no: the default β only)")
+    parser.add_argument(
+        "--frontier",
+        choices=["yes", "no"],
+        default="yes",
+        help="train PPO and DPO at every β of the recipe (no: the default β only)",
+    )
     parser.add_argument("--data", default=str(ROOT / "data" / "support_bot"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--keep-runs", action="store_true", help="keep runs/bench/quality/<model>/ afterwards")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the stages a previous --keep-runs run of the same recipe finished (their "
-                             "model/ and bench-stage.json in runs/bench/quality/<model>/seedN/) instead of "
-                             "starting over")
-    parser.add_argument("--set", default="", metavar="FIELD=VALUE,...",
-                        help="override fields of the model's recipe, e.g. dpo_steps=10,eval_prompts=16 "
-                             "(reported with the table)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the stages a previous --keep-runs run of the same recipe finished (their "
+        "model/ and bench-stage.json in runs/bench/quality/<model>/seedN/) instead of "
+        "starting over",
+    )
+    parser.add_argument(
+        "--set",
+        default="",
+        metavar="FIELD=VALUE,...",
+        help="override fields of the model's recipe, e.g. dpo_steps=10,eval_prompts=16 (reported with the table)",
+    )
     args = parser.parse_args()
     recipe = override_recipe(RECIPES[args.model], args.set)
     seeds = [int(s) for s in args.seeds.split(",")]
-    betas = {"ppo": recipe.ppo_betas, "dpo": recipe.dpo_betas} if args.frontier == "yes" else \
-        {"ppo": (recipe.ppo_beta,), "dpo": (recipe.dpo_beta,)}
+    betas = (
+        {"ppo": recipe.ppo_betas, "dpo": recipe.dpo_betas}
+        if args.frontier == "yes"
+        else {"ppo": (recipe.ppo_beta,), "dpo": (recipe.dpo_beta,)}
+    )
     base = base_model(args.model)
     rows = split_rows(task_rows(Path(args.data)))
     runs = ROOT / "runs" / "bench" / "quality" / args.model
@@ -340,34 +496,48 @@ def main() -> None:
     plot_frontier(per_seed, args.model, plot)
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
-    (results_dir / f"quality-{args.model}.json").write_text(json.dumps(
-        {"recipe": asdict(recipe), "seeds": seeds, "rm_eval_accuracy": rm_acc, "per_seed": per_seed,
-         "aggregate": agg, "seconds": timer.seconds}, indent=1, default=str))
+    (results_dir / f"quality-{args.model}.json").write_text(
+        json.dumps(
+            {
+                "recipe": asdict(recipe),
+                "seeds": seeds,
+                "rm_eval_accuracy": rm_acc,
+                "per_seed": per_seed,
+                "aggregate": agg,
+                "seconds": timer.seconds,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     info, ver = machine(), versions()
     command = f"python bench/quality.py --model {args.model} --seeds {args.seeds} --frontier {args.frontier}" + (
-        f" --set {args.set}" if args.set else "")
-    body = "\n".join([
-        f"### Quality: {args.model} ({base.name})",
-        "",
-        f"`{command}` — {utc_now()}, {sum(timer.seconds.values()):.0f} s of stages"
-        f"{' (reused ones: the wall time of the run that trained them)' if args.resume else ''}, "
-        f"{time.perf_counter() - started:.0f} s this call, on {info['cpu']} ({info['cores']} "
-        f"cores, GPU: {info['gpu']}); torch {ver.get('torch')}, transformers {ver.get('transformers')}.",
-        "",
-        f"Seeds {seeds}; {recipe.eval_prompts} held-out prompts, one sample each per seed (temperature 1, "
-        f"max_new_tokens {recipe.max_new_tokens}); gold s.e. over all (seed, prompt) responses, other columns "
-        f"averaged over seeds. Reward model held-out accuracy: {', '.join(_f(a) for a in rm_acc)}. "
-        f"Recipe: {json.dumps(asdict(recipe))}.",
-        "",
-        table(agg, recipe),
-        "",
-        target_line(agg, recipe),
-        "",
-        f"Frontier: [plots/frontier-{args.model}.png](plots/frontier-{args.model}.png) (β values "
-        f"PPO {list(betas['ppo'])}, DPO {list(betas['dpo'])}).",
-        "",
-        "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in timer.seconds.items()) + ".",
-    ])
+        f" --set {args.set}" if args.set else ""
+    )
+    body = "\n".join(
+        [
+            f"### Quality: {args.model} ({base.name})",
+            "",
+            f"`{command}` — {utc_now()}, {sum(timer.seconds.values()):.0f} s of stages"
+            f"{' (reused ones: the wall time of the run that trained them)' if args.resume else ''}, "
+            f"{time.perf_counter() - started:.0f} s this call, on {info['cpu']} ({info['cores']} "
+            f"cores, GPU: {info['gpu']}); torch {ver.get('torch')}, transformers {ver.get('transformers')}.",
+            "",
+            f"Seeds {seeds}; {recipe.eval_prompts} held-out prompts, one sample each per seed (temperature 1, "
+            f"max_new_tokens {recipe.max_new_tokens}); gold s.e. over all (seed, prompt) responses, other columns "
+            f"averaged over seeds. Reward model held-out accuracy: {', '.join(_f(a) for a in rm_acc)}. "
+            f"Recipe: {json.dumps(asdict(recipe))}.",
+            "",
+            table(agg, recipe),
+            "",
+            target_line(agg, recipe),
+            "",
+            f"Frontier: [plots/frontier-{args.model}.png](plots/frontier-{args.model}.png) (β values "
+            f"PPO {list(betas['ppo'])}, DPO {list(betas['dpo'])}).",
+            "",
+            "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in timer.seconds.items()) + ".",
+        ]
+    )
     write_section(f"quality-{args.model}", body, Path(args.out))
     print(body)
 

@@ -42,7 +42,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PROMPTS = [
     [{"role": "user", "content": "My parcel arrived damaged. What can I do?"}],
-    [{"role": "system", "content": "You are a concise support agent."}, {"role": "user", "content": "How do I reset my password?"}],
+    [
+        {"role": "system", "content": "You are a concise support agent."},
+        {"role": "user", "content": "How do I reset my password?"},
+    ],
 ]
 
 
@@ -88,8 +91,10 @@ def prepare(wheel: Path | None) -> None:
     model.save_pretrained(MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(MODEL_DIR)
     print(f"saved {MODEL_DIR} in {time.perf_counter() - start:.1f}s")
-    print(f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M vocab={len(tokenizer)} "
-          f"eos={tokenizer.eos_token!r} pad={tokenizer.pad_token!r} chat_template={tokenizer.chat_template is not None}")
+    print(
+        f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M vocab={len(tokenizer)} "
+        f"eos={tokenizer.eos_token!r} pad={tokenizer.pad_token!r} chat_template={tokenizer.chat_template is not None}"
+    )
 
 
 def _direct_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -113,8 +118,10 @@ def check(device: str, max_new_tokens: int) -> None:
     out = generate(policy, tokenizer, PROMPTS, config)
     gen_s = time.perf_counter() - start
     n_tokens = int(out.response_mask.sum())
-    print(f"generated {n_tokens} tokens in {gen_s:.2f}s: {n_tokens / gen_s:.1f} tok/s; "
-          f"ended_with_eos={out.ended_with_eos.tolist()}")
+    print(
+        f"generated {n_tokens} tokens in {gen_s:.2f}s: {n_tokens / gen_s:.1f} tok/s; "
+        f"ended_with_eos={out.ended_with_eos.tolist()}"
+    )
     for text in out.texts:
         print("---\n" + text)
 
@@ -148,8 +155,10 @@ def check(device: str, max_new_tokens: int) -> None:
     hf_s = time.perf_counter() - start
     hf_response = theirs[:, ours.prompt_ids.shape[1] :]
     same = hf_response.shape == ours.response_ids.shape and torch.equal(hf_response, ours.response_ids)
-    print(f"greedy: ours {int(ours.response_mask.sum()) / ours_s:.1f} tok/s, transformers.generate "
-          f"{int(ours.response_mask.sum()) / hf_s:.1f} tok/s, identical tokens: {same}")
+    print(
+        f"greedy: ours {int(ours.response_mask.sum()) / ours_s:.1f} tok/s, transformers.generate "
+        f"{int(ours.response_mask.sum()) / hf_s:.1f} tok/s, identical tokens: {same}"
+    )
 
 
 def main() -> None:

@@ -59,10 +59,30 @@ VENV_TRL_PPO = HERE / ".venv-trl-ppo"
 
 # Shapes per model: small enough for a few minutes per repetition on 2 CPU cores.
 SHAPES = {
-    "tiny": {"batch_size": 8, "steps": 30, "max_length": 1024, "rollout_batch_size": 16, "ppo_batch_size": 8,
-             "ppo_epochs": 2, "ppo_steps": 6, "max_new_tokens": 32, "rloo_k": 4, "matmul_n": 2048},
-    "smollm2": {"batch_size": 4, "steps": 5, "max_length": 1024, "rollout_batch_size": 8, "ppo_batch_size": 4,
-                "ppo_epochs": 2, "ppo_steps": 3, "max_new_tokens": 16, "rloo_k": 4, "matmul_n": 2048},
+    "tiny": {
+        "batch_size": 8,
+        "steps": 30,
+        "max_length": 1024,
+        "rollout_batch_size": 16,
+        "ppo_batch_size": 8,
+        "ppo_epochs": 2,
+        "ppo_steps": 6,
+        "max_new_tokens": 32,
+        "rloo_k": 4,
+        "matmul_n": 2048,
+    },
+    "smollm2": {
+        "batch_size": 4,
+        "steps": 5,
+        "max_length": 1024,
+        "rollout_batch_size": 8,
+        "ppo_batch_size": 4,
+        "ppo_epochs": 2,
+        "ppo_steps": 3,
+        "max_new_tokens": 16,
+        "rloo_k": 4,
+        "matmul_n": 2048,
+    },
 }
 
 
@@ -103,40 +123,67 @@ def run_worker(python: Path, spec: dict, workdir: Path, timeout: float) -> dict:
     spec = {**spec, "out_dir": str(workdir / name)}
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     started = time.perf_counter()
-    proc = subprocess.run([str(python), str(HERE / "speed_workers.py"), str(spec_path), str(result_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(python), str(HERE / "speed_workers.py"), str(spec_path), str(result_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0 or not result_path.is_file():
         tail = (proc.stderr or proc.stdout)[-3000:]
         print(f"  {name} FAILED:\n{tail}", file=sys.stderr)
         return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
     result = json.loads(result_path.read_text())
-    print(f"  {name}: rate {result['rate']:.2f}  peak {result.get('peak_memory_mb', 0):.0f} MiB  "
-          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    print(
+        f"  {name}: rate {result['rate']:.2f}  peak {result.get('peak_memory_mb', 0):.0f} MiB  "
+        f"({time.perf_counter() - started:.0f}s)",
+        flush=True,
+    )
     return result
 
 
 def stage_spec(stage: str, shapes: dict, model: Path, rm: Path, rows: dict, rep: int) -> dict:
     """The settings both sides of `stage` get (the runner name is added per side)."""
-    spec: dict[str, Any] = {"stage": stage, "rep": rep, "seed": rep, "model_path": str(model),
-                            "rm_path": str(rm), "max_length": shapes["max_length"]}
+    spec: dict[str, Any] = {
+        "stage": stage,
+        "rep": rep,
+        "seed": rep,
+        "model_path": str(model),
+        "rm_path": str(rm),
+        "max_length": shapes["max_length"],
+    }
     if stage in ("sft", "rm", "dpo"):
         lr = {"sft": 5e-5, "rm": 1e-5, "dpo": 5e-6}[stage]
         spec.update(batch_size=shapes["batch_size"], steps=shapes["steps"], learning_rate=lr)
         n = shapes["batch_size"] * shapes["steps"]
         spec["sft_rows" if stage == "sft" else "pref_rows"] = rows["sft" if stage == "sft" else "prefs"][:n]
     else:
-        spec.update(batch_size=shapes["ppo_batch_size"], rollout_batch_size=shapes["rollout_batch_size"],
-                    steps=shapes["ppo_steps"], max_new_tokens=shapes["max_new_tokens"], learning_rate=1e-6,
-                    rloo_k=shapes["rloo_k"], prompt_rows=rows["prompts"][: shapes["rollout_batch_size"] *
-                                                                         shapes["ppo_steps"]])
+        spec.update(
+            batch_size=shapes["ppo_batch_size"],
+            rollout_batch_size=shapes["rollout_batch_size"],
+            steps=shapes["ppo_steps"],
+            max_new_tokens=shapes["max_new_tokens"],
+            learning_rate=1e-6,
+            rloo_k=shapes["rloo_k"],
+            prompt_rows=rows["prompts"][: shapes["rollout_batch_size"] * shapes["ppo_steps"]],
+        )
         # PPO vs PPOTrainer: same models (separate critic from the RM) and epochs. RLOO shape: one update per
         # rollout batch, our default shared critic.
-        spec.update(critic="separate", ppo_epochs=shapes["ppo_epochs"]) if stage == "ppo" else \
-            spec.update(critic="shared", ppo_epochs=1)
+        spec.update(critic="separate", ppo_epochs=shapes["ppo_epochs"]) if stage == "ppo" else spec.update(
+            critic="shared", ppo_epochs=1
+        )
         if stage in ("grpo_cf", "rloo_cf"):  # the same rollout shape, K, lengths and micro-batch on both sides
             spec["algorithm"] = stage.removesuffix("_cf")
     return spec
@@ -151,17 +198,31 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict:
     raw: dict[str, Any] = {"matmul": [], **{s: {} for s in stages}}
     for rep in range(args.reps):
         print(f"repetition {rep + 1}/{args.reps}", flush=True)
-        raw["matmul"].append(run_worker(python_of(VENV_TRL), {
-            "runner": "matmul", "stage": "peak", "rep": rep, "matmul_n": shapes["matmul_n"], "matmul_iters": 10,
-            "matmul_rounds": 3, "threads": args.threads}, workdir, args.timeout))
+        raw["matmul"].append(
+            run_worker(
+                python_of(VENV_TRL),
+                {
+                    "runner": "matmul",
+                    "stage": "peak",
+                    "rep": rep,
+                    "matmul_n": shapes["matmul_n"],
+                    "matmul_iters": 10,
+                    "matmul_rounds": 3,
+                    "threads": args.threads,
+                },
+                workdir,
+                args.timeout,
+            )
+        )
         for stage in stages:
             pair, spec = PAIRS[stage], stage_spec(stage, shapes, model, rm, rows, rep)
             spec["threads"] = args.threads
             spec["trl_precompute_ref"] = args.trl_precompute_ref and stage == "dpo"
             sides = [("ours", {"runner": pair.ours}), ("trl", {"runner": pair.trl})]
             for side, extra in sides if rep % 2 == 0 else sides[::-1]:
-                raw[stage].setdefault(side, []).append(run_worker(python_of(pair.venv), {**spec, **extra},
-                                                                  workdir, args.timeout))
+                raw[stage].setdefault(side, []).append(
+                    run_worker(python_of(pair.venv), {**spec, **extra}, workdir, args.timeout)
+                )
     return {"raw": raw, "shapes": shapes, "model": args.model, "stages": stages}
 
 
@@ -205,8 +266,12 @@ def flops_per_token(model_dir: Path, mean_row_tokens: float) -> tuple[float, int
     → 6·L·d_attn, L = mean row length (tokens).
     """
     config = json.loads((model_dir / "config.json").read_text())
-    d, layers, ff, vocab = (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
-                            config["vocab_size"])
+    d, layers, ff, vocab = (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    )
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
     kv = config.get("num_key_value_heads") or heads
@@ -225,15 +290,17 @@ def _median(values: list[float]) -> float:
 
 
 def _paired_ratios(ours: list[dict], trl: list[dict], key: str) -> list[float]:
-    return [o[key] / t[key] for o, t in zip(ours, trl, strict=True)
-            if "error" not in o and "error" not in t and t[key] > 0]
+    return [
+        o[key] / t[key] for o, t in zip(ours, trl, strict=True) if "error" not in o and "error" not in t and t[key] > 0
+    ]
 
 
 def summarize(run: dict) -> dict:
     """Medians per side and the medians of the paired per-repetition ratios."""
     # The peak is the best the machine showed in any repetition (a conservative denominator under load).
-    out: dict[str, Any] = {"matmul_peak_gflops": max([r["rate"] / 1e9 for r in _ok(run["raw"]["matmul"])],
-                                                     default=float("nan"))}
+    out: dict[str, Any] = {
+        "matmul_peak_gflops": max([r["rate"] / 1e9 for r in _ok(run["raw"]["matmul"])], default=float("nan"))
+    }
     for stage in run["stages"]:
         ours, trl = run["raw"][stage].get("ours", []), run["raw"][stage].get("trl", [])
         out[stage] = {
@@ -270,22 +337,43 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
         target = TARGETS[stage]
         verdict = "" if target is None else (" ✅" if s["rate_ratio"] >= target else " ❌")
         mem_verdict = " ✅" if s["mem_ratio"] <= 1.0 else " ❌"
-        rows.append([stage, pair.peer, pair.unit, _fmt(s["ours_rate"]), _fmt(s["trl_rate"]),
-                     f"**{_fmt(s['rate_ratio'])}×**{verdict}" + (f" (target ≥ {target}×)" if target else ""),
-                     f"{_fmt(s['ours_mem'], 0)} / {_fmt(s['trl_mem'], 0)}",
-                     f"{_fmt(s['mem_ratio'])}{mem_verdict}", f"{_fmt(s['ours_wall'], 1)} / {_fmt(s['trl_wall'], 1)}",
-                     s["n"]])
-    header = ["stage", "TRL peer", "unit", "ours", "TRL", "ours/TRL", "peak MiB ours / TRL", "mem ours/TRL",
-              "whole call s ours / TRL", "reps"]
+        rows.append(
+            [
+                stage,
+                pair.peer,
+                pair.unit,
+                _fmt(s["ours_rate"]),
+                _fmt(s["trl_rate"]),
+                f"**{_fmt(s['rate_ratio'])}×**{verdict}" + (f" (target ≥ {target}×)" if target else ""),
+                f"{_fmt(s['ours_mem'], 0)} / {_fmt(s['trl_mem'], 0)}",
+                f"{_fmt(s['mem_ratio'])}{mem_verdict}",
+                f"{_fmt(s['ours_wall'], 1)} / {_fmt(s['trl_wall'], 1)}",
+                s["n"],
+            ]
+        )
+    header = [
+        "stage",
+        "TRL peer",
+        "unit",
+        "ours",
+        "TRL",
+        "ours/TRL",
+        "peak MiB ours / TRL",
+        "mem ours/TRL",
+        "whole call s ours / TRL",
+        "reps",
+    ]
     lines = [markdown_table(header, rows)]
     for stage in ("ppo", "rloo", "grpo_cf", "rloo_cf"):
         if stage in run["stages"]:
             s = summary[stage]
-            lines.append(f"\n{stage}: mean sampled response length ours {_fmt(s['ours_len'], 1)} tokens"
-                         + (f", TRL {_fmt(s['trl_len'], 1)}" if s["trl_len"] == s["trl_len"] else "")
-                         + f"; decode steps per rollout ours {_fmt(s['ours_decode'], 1)}"
-                         + (f", TRL {_fmt(s['trl_decode'], 1)}" if s["trl_decode"] == s["trl_decode"] else "")
-                         + f" (max_new_tokens {shapes['max_new_tokens']}).")
+            lines.append(
+                f"\n{stage}: mean sampled response length ours {_fmt(s['ours_len'], 1)} tokens"
+                + (f", TRL {_fmt(s['trl_len'], 1)}" if s["trl_len"] == s["trl_len"] else "")
+                + f"; decode steps per rollout ours {_fmt(s['ours_decode'], 1)}"
+                + (f", TRL {_fmt(s['trl_decode'], 1)}" if s["trl_decode"] == s["trl_decode"] else "")
+                + f" (max_new_tokens {shapes['max_new_tokens']})."
+            )
     errors = {st: summary[st]["errors"] for st in run["stages"] if summary[st]["errors"]}
     if errors:
         lines.append("\nFailed runs: " + "; ".join(f"{st}: {e}" for st, es in errors.items() for e in es))
@@ -302,12 +390,14 @@ def flop_paragraph(run: dict, summary: dict, model_dir: Path) -> str:
     rate = summary["sft"]["ours_rate"] * per_token / 1e9
     peak = summary["matmul_peak_gflops"]
     verdict = "✅" if rate / peak >= 0.6 else "❌"
-    return (f"Our SFT FLOP rate: {_fmt(rate, 1)} GFLOP/s = **{_fmt(100 * rate / peak, 1)}% of the measured float32 "
-            f"matmul peak** ({_fmt(peak, 1)} GFLOP/s, `torch.matmul` {run['shapes']['matmul_n']}², best of 3×10, "
-            f"best over repetitions) {verdict} (target ≥ 60% on CPU). Count: {per_token / 1e6:.1f} MFLOP per "
-            f"non-padding token = 6·N_matmul (N_matmul = {n_matmul / 1e6:.1f} M: every projection + LM head, "
-            f"input embedding excluded) + 6·layers·L·d_attn for causal attention at the mean row length "
-            f"L = {tokens / rows:.0f}; padding tokens are not counted as useful work.")
+    return (
+        f"Our SFT FLOP rate: {_fmt(rate, 1)} GFLOP/s = **{_fmt(100 * rate / peak, 1)}% of the measured float32 "
+        f"matmul peak** ({_fmt(peak, 1)} GFLOP/s, `torch.matmul` {run['shapes']['matmul_n']}², best of 3×10, "
+        f"best over repetitions) {verdict} (target ≥ 60% on CPU). Count: {per_token / 1e6:.1f} MFLOP per "
+        f"non-padding token = 6·N_matmul (N_matmul = {n_matmul / 1e6:.1f} M: every projection + LM head, "
+        f"input embedding excluded) + 6·layers·L·d_attn for causal attention at the mean row length "
+        f"L = {tokens / rows:.0f}; padding tokens are not counted as useful work."
+    )
 
 
 def main() -> None:
@@ -317,17 +407,28 @@ def main() -> None:
     parser.add_argument("--stages", default="sft,rm,dpo,ppo,rloo")
     parser.add_argument("--data", default=str(ROOT / "data" / "support_bot"))
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--fused-adamw", action="store_true",
-                        help="no-op, kept so older commands still run: our optimizer is torch's fused AdamW by "
-                             "default now (rlhf_core.trainers.common.build_optimizer)")
-    parser.add_argument("--assemble", metavar="DIR",
-                        help="no new runs: report the finished runs an interrupted run left in DIR")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads of every run (matmul peak included); 0 = torch's default. "
-                             "1 avoids the stalls of a 2-thread pool on a 2-core machine another job also uses")
-    parser.add_argument("--trl-precompute-ref", action="store_true",
-                        help="DPO: TRL precomputes the reference log-probs before training, as ours always does "
-                             "(default: TRL's default, a live reference forward at every step)")
+    parser.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="no-op, kept so older commands still run: our optimizer is torch's fused AdamW by "
+        "default now (rlhf_core.trainers.common.build_optimizer)",
+    )
+    parser.add_argument(
+        "--assemble", metavar="DIR", help="no new runs: report the finished runs an interrupted run left in DIR"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of every run (matmul peak included); 0 = torch's default. "
+        "1 avoids the stalls of a 2-thread pool on a 2-core machine another job also uses",
+    )
+    parser.add_argument(
+        "--trl-precompute-ref",
+        action="store_true",
+        help="DPO: TRL precomputes the reference log-probs before training, as ours always does "
+        "(default: TRL's default, a live reference forward at every step)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -347,44 +448,56 @@ def main() -> None:
     # TRL 1.12's venv is needed only for the PPO pair.
     ppo_versions = versions(python_of(VENV_TRL_PPO)) if (VENV_TRL_PPO / "bin" / "python").is_file() else {}
     shapes = run["shapes"]
-    command = f"python bench/speed.py --model {args.model} --reps {args.reps} --stages {args.stages}" + \
-        (f" --threads {args.threads}" if args.threads else "") + \
-        (" --trl-precompute-ref" if args.trl_precompute_ref else "") + \
-        (f" --data {args.data}" if Path(args.data) != ROOT / "data" / "support_bot" else "") + \
-        (f" --assemble {args.assemble}" if args.assemble else "")
-    body = "\n".join([
-        f"### Speed and memory: {args.model} ({model_dir.name}), stages {', '.join(run['stages'])}",
-        "",
-        f"`{command}` — {utc_now()}, {time.perf_counter() - started:.0f} s. Machine: {info['cpu']}, "
-        f"{info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}. torch {trl_versions['torch']}, "
-        f"transformers {trl_versions['transformers']}, accelerate {trl_versions['accelerate']}; TRL "
-        f"{trl_versions.get('trl')} (SFT/RM/DPO/RLOO) and TRL {ppo_versions.get('trl')} (PPO). torch threads per "
-        f"run: {', '.join(sorted({str(r['threads']) for r in run['raw']['matmul'] if 'threads' in r})) or 'n/a'}"
-        f"{' (--threads)' if args.threads else ' (torch default)'}.",
-        "",
-        f"Data: `{args.data}` (first rows of demonstrations / preferences / prompts_train).",
-        "",
-        f"Shapes: SFT/RM/DPO batch {shapes['batch_size']} × {shapes['steps']} steps (no accumulation); PPO "
-        f"rollout {shapes['rollout_batch_size']} prompts/iteration, micro-batch {shapes['ppo_batch_size']}, "
-        f"{shapes['ppo_epochs']} epochs × 1 optimizer step, {shapes['ppo_steps']} iterations, "
-        f"max_new_tokens {shapes['max_new_tokens']}; RLOO-shaped: same rollout, 1 epoch, k = {shapes['rloo_k']} "
-        "samples per prompt on TRL's side. Full fine-tuning, float32, AdamW, constant lr; TRL's gradient "
-        "checkpointing and bf16 defaults switched off. Throughput over steps 2..N, peak memory = "
-        f"{'CUDA max allocated' if info['gpu'] != 'none' else 'peak RSS'} of the run's own process; medians "
-        f"over {max((len(v.get('ours', [])) for k, v in run['raw'].items() if k != 'matmul'), default=0)} "
-        "interleaved repetitions (column `reps`), ratios = median of per-repetition ours/TRL."
-        + (f" Assembled with `--assemble` from the finished runs of an interrupted `--reps {args.reps}` run."
-           if args.assemble else "")
-        + ((" DPO reference log-probs: both sides compute them in one pass before training (TRL "
-            "`precompute_ref_log_probs=True`), outside steps 2..N, inside the whole call."
-            if args.trl_precompute_ref else
-            " DPO reference log-probs: ours computes them in one pass before training (outside steps 2..N, "
-            "inside the whole call); TRL (its default) runs a reference forward at every step, inside steps "
-            "2..N: compare the whole-call times too, or rerun with `--trl-precompute-ref`.")
-           if "dpo" in run["stages"] else ""),
-        "",
-        report(run, summary, args, model_dir),
-    ])
+    command = (
+        f"python bench/speed.py --model {args.model} --reps {args.reps} --stages {args.stages}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --trl-precompute-ref" if args.trl_precompute_ref else "")
+        + (f" --data {args.data}" if Path(args.data) != ROOT / "data" / "support_bot" else "")
+        + (f" --assemble {args.assemble}" if args.assemble else "")
+    )
+    body = "\n".join(
+        [
+            f"### Speed and memory: {args.model} ({model_dir.name}), stages {', '.join(run['stages'])}",
+            "",
+            f"`{command}` — {utc_now()}, {time.perf_counter() - started:.0f} s. Machine: {info['cpu']}, "
+            f"{info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}. torch {trl_versions['torch']}, "
+            f"transformers {trl_versions['transformers']}, accelerate {trl_versions['accelerate']}; TRL "
+            f"{trl_versions.get('trl')} (SFT/RM/DPO/RLOO) and TRL {ppo_versions.get('trl')} (PPO). torch threads per "
+            f"run: {', '.join(sorted({str(r['threads']) for r in run['raw']['matmul'] if 'threads' in r})) or 'n/a'}"
+            f"{' (--threads)' if args.threads else ' (torch default)'}.",
+            "",
+            f"Data: `{args.data}` (first rows of demonstrations / preferences / prompts_train).",
+            "",
+            f"Shapes: SFT/RM/DPO batch {shapes['batch_size']} × {shapes['steps']} steps (no accumulation); PPO "
+            f"rollout {shapes['rollout_batch_size']} prompts/iteration, micro-batch {shapes['ppo_batch_size']}, "
+            f"{shapes['ppo_epochs']} epochs × 1 optimizer step, {shapes['ppo_steps']} iterations, "
+            f"max_new_tokens {shapes['max_new_tokens']}; RLOO-shaped: same rollout, 1 epoch, k = {shapes['rloo_k']} "
+            "samples per prompt on TRL's side. Full fine-tuning, float32, AdamW, constant lr; TRL's gradient "
+            "checkpointing and bf16 defaults switched off. Throughput over steps 2..N, peak memory = "
+            f"{'CUDA max allocated' if info['gpu'] != 'none' else 'peak RSS'} of the run's own process; medians "
+            f"over {max((len(v.get('ours', [])) for k, v in run['raw'].items() if k != 'matmul'), default=0)} "
+            "interleaved repetitions (column `reps`), ratios = median of per-repetition ours/TRL."
+            + (
+                f" Assembled with `--assemble` from the finished runs of an interrupted `--reps {args.reps}` run."
+                if args.assemble
+                else ""
+            )
+            + (
+                (
+                    " DPO reference log-probs: both sides compute them in one pass before training (TRL "
+                    "`precompute_ref_log_probs=True`), outside steps 2..N, inside the whole call."
+                    if args.trl_precompute_ref
+                    else " DPO reference log-probs: ours computes them in one pass before training (outside steps 2..N, "
+                    "inside the whole call); TRL (its default) runs a reference forward at every step, inside steps "
+                    "2..N: compare the whole-call times too, or rerun with `--trl-precompute-ref`."
+                )
+                if "dpo" in run["stages"]
+                else ""
+            ),
+            "",
+            report(run, summary, args, model_dir),
+        ]
+    )
     write_section(key, body, Path(args.out))
     print(body)
 

@@ -142,9 +142,15 @@ def ours_sft(spec: dict, out: Path) -> dict:
     from rlhf_core.trainers.common import DataPosition, EpochPermutationSampler
     from rlhf_core.trainers.sft import SFTConfig, encode_demonstrations, train_sft
 
-    config = SFTConfig(seed=spec["seed"], max_steps=spec["steps"], batch_size=spec["batch_size"],
-                       learning_rate=spec["learning_rate"], max_prompt_len=None, max_response_len=None,
-                       progress_bar=False)
+    config = SFTConfig(
+        seed=spec["seed"],
+        max_steps=spec["steps"],
+        batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        max_prompt_len=None,
+        max_response_len=None,
+        progress_bar=False,
+    )
     rows = spec["sft_rows"]
     # Replay the trainer's own data order to count each step's non-padding tokens exactly.
     pairs = encode_demonstrations(AutoTokenizer.from_pretrained(spec["model_path"]), rows, config)
@@ -156,8 +162,7 @@ def ours_sft(spec: dict, out: Path) -> dict:
     start = time.perf_counter()
     train_sft(config, spec["model_path"], rows, [], out, logger)
     wall = time.perf_counter() - start
-    return {"rate": logger.clock.rate(), "wall_s": wall, "step_s": logger.clock.step_seconds(),
-            "tokens": sum(per_step)}
+    return {"rate": logger.clock.rate(), "wall_s": wall, "step_s": logger.clock.step_seconds(), "tokens": sum(per_step)}
 
 
 def trl_sft(spec: dict, out: Path) -> dict:
@@ -167,15 +172,21 @@ def trl_sft(spec: dict, out: Path) -> dict:
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    data = Dataset.from_list([{"prompt": _messages(r["prompt"]), "completion": _assistant(r["response"])}
-                              for r in spec["sft_rows"]])
+    data = Dataset.from_list(
+        [{"prompt": _messages(r["prompt"]), "completion": _assistant(r["response"])} for r in spec["sft_rows"]]
+    )
     clock, logs = StepClock(), []
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     args = SFTConfig(**_trl_common_args(spec, out), packing=False, padding_free=False)
     # Tokens of a step = the increase of TRL's own `num_tokens` (Σ attention_mask) logged at that step.
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[_trl_clock_callback(clock, lambda state: 0.0, logs)])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[_trl_clock_callback(clock, lambda state: 0.0, logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     cumulative = [entry["num_tokens"] for entry in logs if "num_tokens" in entry]
@@ -191,9 +202,15 @@ def trl_sft(spec: dict, out: Path) -> dict:
 def ours_rm(spec: dict, out: Path) -> dict:
     from rlhf_core.trainers.reward import RewardConfig, train_reward_model
 
-    config = RewardConfig(seed=spec["seed"], max_steps=spec["steps"], batch_size=spec["batch_size"],
-                          learning_rate=spec["learning_rate"], max_prompt_len=None, max_response_len=None,
-                          progress_bar=False)
+    config = RewardConfig(
+        seed=spec["seed"],
+        max_steps=spec["steps"],
+        batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        max_prompt_len=None,
+        max_response_len=None,
+        progress_bar=False,
+    )
     logger = ClockLogger("rm", lambda step, m: config.batch_size)
     start = time.perf_counter()
     train_reward_model(config, spec["model_path"], spec["pref_rows"], [], out, logger)
@@ -208,17 +225,24 @@ def trl_rm(spec: dict, out: Path) -> dict:
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    data = Dataset.from_list([{"prompt": _messages(r["prompt"]), "chosen": _assistant(r["chosen"]),
-                               "rejected": _assistant(r["rejected"])} for r in spec["pref_rows"]])
+    data = Dataset.from_list(
+        [
+            {"prompt": _messages(r["prompt"]), "chosen": _assistant(r["chosen"]), "rejected": _assistant(r["rejected"])}
+            for r in spec["pref_rows"]
+        ]
+    )
     clock, logs = StepClock(), []
     start = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     args = RewardConfig(**_trl_common_args(spec, out))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                            callbacks=[_trl_clock_callback(clock, lambda state: spec["batch_size"], logs)])
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[_trl_clock_callback(clock, lambda state: spec["batch_size"], logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds()}
@@ -232,9 +256,16 @@ def trl_rm(spec: dict, out: Path) -> dict:
 def ours_dpo(spec: dict, out: Path) -> dict:
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
 
-    config = DPOConfig(seed=spec["seed"], max_steps=spec["steps"], batch_size=spec["batch_size"],
-                       learning_rate=spec["learning_rate"], dpo_beta=0.1, max_prompt_len=None,
-                       max_response_len=None, progress_bar=False)
+    config = DPOConfig(
+        seed=spec["seed"],
+        max_steps=spec["steps"],
+        batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        dpo_beta=0.1,
+        max_prompt_len=None,
+        max_response_len=None,
+        progress_bar=False,
+    )
     logger = ClockLogger("dpo", lambda step, m: config.batch_size)
     start = time.perf_counter()
     train_dpo(config, spec["model_path"], spec["pref_rows"], [], out, logger)
@@ -249,8 +280,12 @@ def trl_dpo(spec: dict, out: Path) -> dict:
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    data = Dataset.from_list([{"prompt": _messages(r["prompt"]), "chosen": _assistant(r["chosen"]),
-                               "rejected": _assistant(r["rejected"])} for r in spec["pref_rows"]])
+    data = Dataset.from_list(
+        [
+            {"prompt": _messages(r["prompt"]), "chosen": _assistant(r["chosen"]), "rejected": _assistant(r["rejected"])}
+            for r in spec["pref_rows"]
+        ]
+    )
     clock, logs = StepClock(), []
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
@@ -260,8 +295,14 @@ def trl_dpo(spec: dict, out: Path) -> dict:
     precompute = bool(spec.get("trl_precompute_ref", False))
     ref = None if precompute else AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     args = DPOConfig(**_trl_common_args(spec, out), beta=0.1, precompute_ref_log_probs=precompute)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[_trl_clock_callback(clock, lambda state: spec["batch_size"], logs)])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[_trl_clock_callback(clock, lambda state: spec["batch_size"], logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds()}
@@ -297,19 +338,36 @@ def ours_ppo(spec: dict, out: Path) -> dict:
     experience.generate = recording_generate
     rollout, micro = spec["rollout_batch_size"], spec["batch_size"]
     config = PPOConfig(
-        seed=spec["seed"], max_steps=spec["steps"], batch_size=micro, grad_accum_steps=rollout // micro,
-        rollout_batch_size=rollout, ppo_epochs=spec["ppo_epochs"], learning_rate=spec["learning_rate"],
-        max_new_tokens=spec["max_new_tokens"], temperature=1.0, kl_coef=0.05, critic=spec["critic"],
-        max_prompt_len=None, weak_reward_model="warn", min_reward_model_accuracy=0.0, progress_bar=False,
+        seed=spec["seed"],
+        max_steps=spec["steps"],
+        batch_size=micro,
+        grad_accum_steps=rollout // micro,
+        rollout_batch_size=rollout,
+        ppo_epochs=spec["ppo_epochs"],
+        learning_rate=spec["learning_rate"],
+        max_new_tokens=spec["max_new_tokens"],
+        temperature=1.0,
+        kl_coef=0.05,
+        critic=spec["critic"],
+        max_prompt_len=None,
+        weak_reward_model="warn",
+        min_reward_model_accuracy=0.0,
+        progress_bar=False,
     )
     logger = ClockLogger("ppo", lambda step, m: rollout)
     start = time.perf_counter()
-    train_ppo(config, spec["model_path"], spec["rm_path"], spec["prompt_rows"], out, logger,
-              reward_model_eval_accuracy=1.0)
+    train_ppo(
+        config, spec["model_path"], spec["rm_path"], spec["prompt_rows"], out, logger, reward_model_eval_accuracy=1.0
+    )
     wall = time.perf_counter() - start
     mean_len = [m["ppo/response_length"] for _, m in logger.records if "ppo/response_length" in m]
-    return {"rate": logger.clock.rate(), "wall_s": wall, "step_s": logger.clock.step_seconds(),
-            "decode_steps": lengths.mean(), "response_length": sum(mean_len) / max(len(mean_len), 1)}
+    return {
+        "rate": logger.clock.rate(),
+        "wall_s": wall,
+        "step_s": logger.clock.step_seconds(),
+        "decode_steps": lengths.mean(),
+        "response_length": sum(mean_len) / max(len(mean_len), 1),
+    }
 
 
 def _prompt_ids(tokenizer: Any, rows: list[dict]) -> list[list[int]]:
@@ -348,17 +406,42 @@ def trl_ppo(spec: dict, out: Path) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["rm_path"], num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(spec["rm_path"], num_labels=1, dtype=torch.float32)
     args = PPOConfig(
-        output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=rollout // micro,
-        num_mini_batches=1, num_ppo_epochs=spec["ppo_epochs"], total_episodes=rollout * spec["steps"],
-        local_rollout_forward_batch_size=rollout, response_length=spec["max_new_tokens"], stop_token="eos",
-        temperature=1.0, kl_coef=0.05, missing_eos_penalty=1.0, learning_rate=spec["learning_rate"],
-        lr_scheduler_type="constant", num_sample_generations=0, save_strategy="no", report_to="none",
-        logging_steps=1, seed=spec["seed"], bf16=False, fp16=False, gradient_checkpointing=False,
-        disable_tqdm=True, max_grad_norm=1.0,
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rollout // micro,
+        num_mini_batches=1,
+        num_ppo_epochs=spec["ppo_epochs"],
+        total_episodes=rollout * spec["steps"],
+        local_rollout_forward_batch_size=rollout,
+        response_length=spec["max_new_tokens"],
+        stop_token="eos",
+        temperature=1.0,
+        kl_coef=0.05,
+        missing_eos_penalty=1.0,
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        num_sample_generations=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=spec["seed"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        max_grad_norm=1.0,
     )
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=data, eval_dataset=data.select(range(min(len(data), 4))),
-                         callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=data,
+        eval_dataset=data.select(range(min(len(data), 4))),
+        callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds(), "decode_steps": lengths.mean()}
@@ -381,21 +464,48 @@ def trl_rloo(spec: dict, out: Path) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["rm_path"], num_labels=1, dtype=torch.float32)
     reward_tokenizer = AutoTokenizer.from_pretrained(spec["rm_path"])
     args = RLOOConfig(
-        output_dir=str(out), max_steps=spec["steps"], per_device_train_batch_size=micro,
-        gradient_accumulation_steps=rollout // micro, steps_per_generation=rollout // micro, num_generations=k,
-        num_iterations=1, max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
-        beta=0.05, learning_rate=spec["learning_rate"], lr_scheduler_type="constant", save_strategy="no",
-        report_to="none", logging_steps=1, seed=spec["seed"], bf16=False, fp16=False,
-        gradient_checkpointing=False, disable_tqdm=True, max_grad_norm=1.0, log_completions=False,
+        output_dir=str(out),
+        max_steps=spec["steps"],
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rollout // micro,
+        steps_per_generation=rollout // micro,
+        num_generations=k,
+        num_iterations=1,
+        max_completion_length=spec["max_new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        beta=0.05,
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=spec["seed"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        max_grad_norm=1.0,
+        log_completions=False,
     )
-    trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer,
-                          callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)])
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     mean_len = [e["completions/mean_length"] for e in logs if "completions/mean_length" in e]
-    return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds(),
-            "response_length": sum(mean_len) / max(len(mean_len), 1)}
+    return {
+        "rate": clock.rate(),
+        "wall_s": wall,
+        "step_s": clock.step_seconds(),
+        "response_length": sum(mean_len) / max(len(mean_len), 1),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,21 +529,41 @@ def ours_grpo(spec: dict, out: Path) -> dict:
     grpo.generate = recording_generate
     rollout, micro, k, algorithm = spec["rollout_batch_size"], spec["batch_size"], spec["rloo_k"], spec["algorithm"]
     config = grpo.GRPOConfig(
-        algorithm=algorithm, seed=spec["seed"], max_steps=spec["steps"], batch_size=micro,
-        grad_accum_steps=rollout // micro, prompts_per_iteration=rollout // k, num_samples_per_prompt=k, epochs=1,
-        learning_rate=spec["learning_rate"], max_new_tokens=spec["max_new_tokens"], temperature=1.0, kl_coef=0.05,
-        kl_in="loss" if algorithm == "grpo" else "reward", loss_aggregation="token", max_prompt_len=None,
-        missing_eos_score=None, weak_reward_model="warn", min_reward_model_accuracy=0.0, dead_signal="warn",
+        algorithm=algorithm,
+        seed=spec["seed"],
+        max_steps=spec["steps"],
+        batch_size=micro,
+        grad_accum_steps=rollout // micro,
+        prompts_per_iteration=rollout // k,
+        num_samples_per_prompt=k,
+        epochs=1,
+        learning_rate=spec["learning_rate"],
+        max_new_tokens=spec["max_new_tokens"],
+        temperature=1.0,
+        kl_coef=0.05,
+        kl_in="loss" if algorithm == "grpo" else "reward",
+        loss_aggregation="token",
+        max_prompt_len=None,
+        missing_eos_score=None,
+        weak_reward_model="warn",
+        min_reward_model_accuracy=0.0,
+        dead_signal="warn",
         progress_bar=False,
     )
     logger = ClockLogger(algorithm, lambda step, m: rollout)
     start = time.perf_counter()
-    grpo.train_grpo(config, spec["model_path"], spec["rm_path"], spec["prompt_rows"], out, logger,
-                    reward_model_eval_accuracy=1.0)
+    grpo.train_grpo(
+        config, spec["model_path"], spec["rm_path"], spec["prompt_rows"], out, logger, reward_model_eval_accuracy=1.0
+    )
     wall = time.perf_counter() - start
     mean_len = [m[f"{algorithm}/response_length"] for _, m in logger.records if f"{algorithm}/response_length" in m]
-    return {"rate": logger.clock.rate(), "wall_s": wall, "step_s": logger.clock.step_seconds(),
-            "decode_steps": lengths.mean(), "response_length": sum(mean_len) / max(len(mean_len), 1)}
+    return {
+        "rate": logger.clock.rate(),
+        "wall_s": wall,
+        "step_s": logger.clock.step_seconds(),
+        "decode_steps": lengths.mean(),
+        "response_length": sum(mean_len) / max(len(mean_len), 1),
+    }
 
 
 def trl_grpo(spec: dict, out: Path) -> dict:
@@ -453,22 +583,50 @@ def trl_grpo(spec: dict, out: Path) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["rm_path"], num_labels=1, dtype=torch.float32)
     reward_tokenizer = AutoTokenizer.from_pretrained(spec["rm_path"])
     args = GRPOConfig(
-        output_dir=str(out), max_steps=spec["steps"], per_device_train_batch_size=micro,
-        gradient_accumulation_steps=rollout // micro, steps_per_generation=rollout // micro, num_generations=k,
-        num_iterations=1, max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
-        beta=0.05, scale_rewards="group", loss_type="dapo", learning_rate=spec["learning_rate"],
-        lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_steps=1, seed=spec["seed"],
-        bf16=False, fp16=False, gradient_checkpointing=False, disable_tqdm=True, max_grad_norm=1.0,
+        output_dir=str(out),
+        max_steps=spec["steps"],
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rollout // micro,
+        steps_per_generation=rollout // micro,
+        num_generations=k,
+        num_iterations=1,
+        max_completion_length=spec["max_new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        beta=0.05,
+        scale_rewards="group",
+        loss_type="dapo",
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=spec["seed"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        max_grad_norm=1.0,
         log_completions=False,
     )
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer,
-                          callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)])
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        callbacks=[_trl_clock_callback(clock, lambda state: rollout, logs)],
+    )
     trainer.train()
     wall = time.perf_counter() - start
     mean_len = [e["completions/mean_length"] for e in logs if "completions/mean_length" in e]
-    return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds(),
-            "response_length": sum(mean_len) / max(len(mean_len), 1)}
+    return {
+        "rate": clock.rate(),
+        "wall_s": wall,
+        "step_s": clock.step_seconds(),
+        "response_length": sum(mean_len) / max(len(mean_len), 1),
+    }
 
 
 def matmul_peak(spec: dict, out: Path) -> dict:
@@ -494,9 +652,17 @@ def matmul_peak(spec: dict, out: Path) -> dict:
 
 RUNNERS = {
     "matmul": matmul_peak,
-    "ours_sft": ours_sft, "trl_sft": trl_sft, "ours_rm": ours_rm, "trl_rm": trl_rm, "ours_dpo": ours_dpo,
-    "trl_dpo": trl_dpo, "ours_ppo": ours_ppo, "trl_ppo": trl_ppo, "trl_rloo": trl_rloo,
-    "ours_grpo": ours_grpo, "trl_grpo": trl_grpo,
+    "ours_sft": ours_sft,
+    "trl_sft": trl_sft,
+    "ours_rm": ours_rm,
+    "trl_rm": trl_rm,
+    "ours_dpo": ours_dpo,
+    "trl_dpo": trl_dpo,
+    "ours_ppo": ours_ppo,
+    "trl_ppo": trl_ppo,
+    "trl_rloo": trl_rloo,
+    "ours_grpo": ours_grpo,
+    "trl_grpo": trl_grpo,
 }
 
 

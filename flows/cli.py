@@ -19,16 +19,12 @@ exit, and so is any error a command did not expect; `rlhf --debug COMMAND …` s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -37,10 +33,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from flows.model_store import ModelLookupFailed, ModelNotFound, mlflow_client, resolve_model_dir
-
-if TYPE_CHECKING:
-
-    pass
+from flows.servers import run_server
 
 MODEL_CACHE_ENV = "RLHF_MODEL_CACHE"
 
@@ -64,8 +57,9 @@ class _OneLineErrors(TyperGroup):
             raise _fail(f"{type(exc).__name__}: {exc} (rlhf --debug … shows the traceback)") from exc
 
 
-app = typer.Typer(name="rlhf", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="rlhf", cls=_OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 debug = False
@@ -75,8 +69,9 @@ verbose = False
 @app.callback()
 def _main(
     debug_option: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
-    verbose_option: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Show the libraries' INFO logs (Prefect, MLflow) too.")] = False,
+    verbose_option: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the libraries' INFO logs (Prefect, MLflow) too.")
+    ] = False,
 ) -> None:
     """The RLHF pipeline: validated data → SFT → reward model → PPO/DPO → evaluation → inference."""
     global console, err_console, debug, verbose
@@ -87,10 +82,18 @@ def _main(
     verbose = verbose_option
 
 
-TrackingUri = Annotated[str | None, typer.Option(
-    "--tracking-uri", help="MLflow tracking URI (default: --config's store, $MLFLOW_TRACKING_URI, the local store).")]
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", "-c", exists=True, dir_okay=False, help="Read the MLflow store from this pipeline config.")]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default: --config's store, $MLFLOW_TRACKING_URI, the local store)."
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", exists=True, dir_okay=False, help="Read the MLflow store from this pipeline config."
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -144,122 +147,27 @@ def resolve_tracking_uri(option: str | None, config: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page on the MLflow server in use (None for a local store nothing serves: `rlhf ui` first)."""
-    from tasks.tracking import run_url
-
-    return run_url(tracking_uri, experiment_id, run_id)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # rlhf run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class StageProgress:
-    """A line when a stage starts and one when it ends, from the stage tasks' Prefect state hooks
-    (`tasks.runner.stage_listener`):
-
-        [2/5] ▶ sft started
-        [2/5] ✔ sft completed in 41.2 s            (or: ✔ sft reused from the cache in 0.3 s; ✘ sft failed …)
-
-    A retried stage shows its attempt number. The time is the attempt's own, from its Running state to its end.
-    """
-
-    def __init__(self, out: Console, stages: list[str]) -> None:
-        self.out = out
-        self.stages = stages
-        self.finished: list[str] = []
-        self.started_at: dict[str, float] = {}
-
-    def _position(self) -> str:
-        return f"[dim][{len(self.finished) + 1}/{len(self.stages)}][/]"
-
-    def __call__(self, stage: str, state: Any, attempt: int) -> None:
-        now = time.monotonic()
-        if state.is_running():
-            self.started_at[stage] = now
-            again = f" (attempt {attempt})" if attempt > 1 else ""
-            self.out.print(f"{self._position()} [cyan]▶[/] {escape(stage)} started{again}")
-            return
-        from tasks.runner import CACHED
-
-        ok = state.is_completed()
-        mark = "[green]✔[/]" if ok else "[red]✘[/]"
-        what = "reused from the cache" if state.name == CACHED else state.name.lower()
-        took = now - self.started_at.get(stage, now)
-        self.out.print(f"{self._position()} {mark} {escape(stage)} {what} in {took:.1f} s")
-        self.finished.append(stage)
-
-
-def _find_pipeline_run(tracking_uri: str, flow_run_id: str) -> Any | None:
-    """The MLflow parent run tagged with this Prefect flow run (docs/lineage.md), or None."""
-    client = mlflow_client(tracking_uri)
-    experiments = client.search_experiments()
-    if not experiments:
-        return None
-    runs = client.search_runs(
-        [e.experiment_id for e in experiments],
-        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`rlhf.kind` = 'pipeline'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def _stage_rows(table: Table, result: Any | None, parent: Any | None) -> None:
-    """One row per stage run: from the flow's result, else from the parent run's `rlhf.stage_run.*` tags."""
-    if result is not None:
-        stages = {stage: (p.run_id or "", p.reused) for stage, p in result.stages.items()}
-    elif parent is not None:
-        tags = parent.data.tags
-        stages = {k.removeprefix("rlhf.stage_run."): (v, f"rlhf.reused.{k.removeprefix('rlhf.stage_run.')}" in tags)
-                  for k, v in tags.items() if k.startswith("rlhf.stage_run.")}
-    else:
-        return
-    for stage, (run_id, reused) in stages.items():
-        table.add_row(f"  {stage}", run_id + (" [blue](reused from cache)[/]" if reused else ""))
-
-
-def _print_where_to_look(cfg: Any, flow_run_id: str, result: Any | None) -> None:
-    """The Prefect flow run, the MLflow parent run and its stage runs, and the commands that open them."""
-    from prefect.utilities.urls import url_for
-
-    tracking_uri = cfg.tracking_uri()
-    store_flag = "" if tracking_uri == default_tracking_uri() else f" --tracking-uri {tracking_uri}"
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("[bold]Prefect flow run[/]", flow_run_id)
-    flow_url = url_for("flow-run", obj_id=flow_run_id)
-    table.add_row("", flow_url or "(temporary server: `prefect server start`, then open it under Runs)")
-    table.add_row("[bold]MLflow store[/]", tracking_uri)
-    parent = None if result is not None else _find_pipeline_run(tracking_uri, flow_run_id)
-    if result is not None or parent is not None:
-        run_id = result.parent_run_id if result is not None else parent.info.run_id
-        experiment_id = result.experiment_id if result is not None else parent.info.experiment_id
-        table.add_row("[bold]MLflow pipeline run[/]", f"{run_id} (experiment {experiment_id})")
-        url = mlflow_run_url(tracking_uri, experiment_id, run_id)
-        page = f"#/experiments/{experiment_id}/runs/{run_id}"
-        table.add_row("", url or f"rlhf ui{store_flag}, then http://127.0.0.1:5000/{page}")
-    _stage_rows(table, result, parent)
-    registered = getattr(result, "registered", None)
-    model = cfg.tracking.registered_model
-    if registered is not None:
-        promoted = " [green]promoted to @champion[/]" if registered.promoted else ""
-        table.add_row("[bold]Registered[/]", f"{registered.name} v{registered.version} "
-                      f"@{', @'.join(registered.aliases)}{promoted}")
-    table.add_row("[bold]Lineage[/]", f"rlhf lineage models:/{model}@candidate{store_flag}")
-    table.add_row("[bold]Try it[/]", f"rlhf chat models:/{model}@candidate{store_flag}")
-    console.print(table)
-
-
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Pipeline YAML (e.g. configs/quickstart.yaml).", exists=True,
-                                           dir_okay=False, readable=True)],
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override one config key, dotted: --set dpo.max_steps=20 (repeatable).")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="Pipeline YAML (e.g. configs/quickstart.yaml).", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one config key, dotted: --set dpo.max_steps=20 (repeatable)."),
+    ] = None,
     tracking_uri: TrackingUri = None,
-    verbose_option: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Show the libraries' INFO logs (Prefect task states, MLflow) too.")] = False,
+    verbose_option: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the libraries' INFO logs (Prefect task states, MLflow) too.")
+    ] = False,
 ) -> None:
     """Run the pipeline flow: validate → sft → reward model → ppo | dpo → evaluate, each stage cached.
 
@@ -285,6 +193,7 @@ def run(
     except ConfigError as exc:
         raise _bad_input(exc) from exc
     from flows.pipeline import rlhf_pipeline
+    from flows.run_report import StageProgress, where_to_look
     from tasks.runner import stage_listener
 
     _quiet_library_chatter(loud)
@@ -296,7 +205,7 @@ def run(
     flow_run_id = str(state.state_details.flow_run_id)
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     console.rule()
-    _print_where_to_look(cfg, flow_run_id, result)
+    console.print(where_to_look(cfg, flow_run_id, result, default_tracking_uri()))
     table = result.results_table() if result is not None else None
     if table:
         console.rule("[bold]result[/]: the evaluated models on the held-out prompts")
@@ -331,8 +240,9 @@ def _quiet_library_chatter(verbose: bool) -> None:
 def validate(
     data: Annotated[Path, typer.Argument(help="A .jsonl, .json, .parquet or .csv file, or a saved dataset dir.")],
     kind: Annotated[str, typer.Option(help="demonstration | preference | ranking | prompt")],
-    data_format: Annotated[str | None, typer.Option(
-        "--format", help="Format hint: trl, hh-rlhf, messages (default: detect).")] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="Format hint: trl, hh-rlhf, messages (default: detect).")
+    ] = None,
 ) -> None:
     """Check a data file against its schema: the full error report (exit 1), or row counts and digest."""
     if kind not in ("demonstration", "preference", "ranking", "prompt"):
@@ -348,8 +258,10 @@ def validate(
         err_console.print(escape(str(exc)), soft_wrap=True)
         raise typer.Exit(1) from exc
     conversational = sum(1 for row in rows if isinstance(row["prompt"], list))
-    console.print(f"[green]✔[/] {escape(str(data))}: {len(rows)} valid {kind} rows "
-                  f"({conversational} conversational, {len(rows) - conversational} plain text)")
+    console.print(
+        f"[green]✔[/] {escape(str(data))}: {len(rows)} valid {kind} rows "
+        f"({conversational} conversational, {len(rows) - conversational} plain text)"
+    )
     console.print(f"digest {content_digest(rows)}")
 
 
@@ -358,19 +270,30 @@ def validate(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-              greedy: bool) -> Any:
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, greedy: bool) -> Any:
     from rlhf_core.generation import SamplingConfig
 
     try:
-        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              do_sample=not greedy, seed=seed)
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            do_sample=not greedy,
+            seed=seed,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _load(model: str, tracking_uri: str | None, config: Path | None, cache_dir: Path | None,
-          trust_remote_code: bool, device: str | None) -> tuple[Any, Any]:
+def _load(
+    model: str,
+    tracking_uri: str | None,
+    config: Path | None,
+    cache_dir: Path | None,
+    trust_remote_code: bool,
+    device: str | None,
+) -> tuple[Any, Any]:
     """Resolve MODEL to a local directory and load `(model, tokenizer)` (safetensors only, eval mode)."""
     import torch
 
@@ -379,8 +302,9 @@ def _load(model: str, tracking_uri: str | None, config: Path | None, cache_dir: 
     cache = cache_dir or Path(os.environ.get(MODEL_CACHE_ENV) or _default_pipeline_config().work_path() / "model_cache")
     is_local = Path(model).expanduser().exists()
     try:
-        model_dir = resolve_model_dir(model, "" if is_local else resolve_tracking_uri(tracking_uri, config), cache,
-                                      status=console.status)
+        model_dir = resolve_model_dir(
+            model, "" if is_local else resolve_tracking_uri(tracking_uri, config), cache, status=console.status
+        )
     except ModelLookupFailed as exc:
         raise _fail(str(exc)) from exc
     except ModelNotFound as exc:
@@ -408,12 +332,24 @@ def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[
         raise _fail(str(exc)) from exc
 
 
-CacheDir = Annotated[Path | None, typer.Option(
-    "--cache-dir", help=f"Where MLflow models are downloaded (default ${MODEL_CACHE_ENV}, else runs/model_cache).")]
-TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Allow the model's own Python code to run (off: only built-in architectures).")]
-ModelArg = Annotated[str, typer.Argument(
-    help="Local model directory, models:/rlhf-policy@champion, models:/<name>/<version> or runs:/<run id>/model.")]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help=f"Where MLflow models are downloaded (default ${MODEL_CACHE_ENV}, else runs/model_cache)."
+    ),
+]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow the model's own Python code to run (off: only built-in architectures)."
+    ),
+]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Local model directory, models:/rlhf-policy@champion, models:/<name>/<version> or runs:/<run id>/model."
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1)]
 Temperature = Annotated[float, typer.Option("--temperature")]
 TopP = Annotated[float, typer.Option("--top-p")]
@@ -427,8 +363,12 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda
 def generate(
     model: ModelArg,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(
-        "--prompts-file", exists=True, dir_okay=False, help=".txt (one prompt a line) or prompt-only data file.")] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-file", exists=True, dir_okay=False, help=".txt (one prompt a line) or prompt-only data file."
+        ),
+    ] = None,
     max_new_tokens: MaxNewTokens = 64,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
@@ -450,8 +390,13 @@ def generate(
     policy, tokenizer = _load(model, tracking_uri, config, cache_dir, trust_remote_code, device)
     responses = generate_text(policy, tokenizer, prompts, sampling)
     if as_json:
-        print(json.dumps([{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)],
-                         ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
         return
     for text_prompt, response in zip(prompts, responses, strict=True):
         console.print(f"[bold cyan]prompt[/]  {escape(str(text_prompt))}")
@@ -500,8 +445,12 @@ def chat(
 
 @app.command()
 def lineage(
-    model_uri: Annotated[str, typer.Argument(
-        help="models:/rlhf-policy@candidate, models:/<name>/<version>, runs:/<run id>/model or a run id.")],
+    model_uri: Annotated[
+        str,
+        typer.Argument(
+            help="models:/rlhf-policy@candidate, models:/<name>/<version>, runs:/<run id>/model or a run id."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
     params: Annotated[bool, typer.Option("--params/--no-params", help="List each stage's config.")] = True,
     tracking_uri: TrackingUri = None,
@@ -536,8 +485,10 @@ def lineage(
 
 @app.command()
 def runs(
-    experiment: Annotated[str | None, typer.Option(
-        "--experiment", "-e", help="Experiment name (default: --config's, else every experiment).")] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option("--experiment", "-e", help="Experiment name (default: --config's, else every experiment)."),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs, newest first.")] = 20,
     wide: Annotated[bool, typer.Option("--wide", help="Every metric, the registered model and the run id.")] = False,
     tracking_uri: TrackingUri = None,
@@ -559,9 +510,13 @@ def runs(
         console.print(f"no pipeline runs in {escape(uri)}" + (f", experiment {escape(name)}" if name else ""))
         return
     experiments = sorted({row.experiment for row in rows})
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left",
-                  title=f"pipeline runs of experiment{'s' if len(experiments) > 1 else ''} "
-                        f"{escape(', '.join(experiments))}")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        title_justify="left",
+        title=f"pipeline runs of experiment{'s' if len(experiments) > 1 else ''} {escape(', '.join(experiments))}",
+    )
     for header in columns(wide):
         table.add_column(header, no_wrap=True, justify="right" if header in columns(True)[4:-2] else "left")
     for row in rows:
@@ -574,11 +529,12 @@ def runs(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def mlflow_ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: int,
-                      workers: int = 1) -> list[str]:
+def mlflow_ui_command(
+    tracking_uri: str, artifact_root: str | None, host: str, port: int, workers: int = 1
+) -> list[str]:
     """`mlflow ui` on a local store; the artifact root must match the one the pipeline logs to."""
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", host, "--port", str(port), "--workers", str(workers)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
+    command += ["--host", host, "--port", str(port), "--workers", str(workers)]
     if artifact_root:
         command += ["--default-artifact-root", artifact_root]
     return command
@@ -591,7 +547,9 @@ def default_artifact_root() -> str:
 
 @app.command()
 def ui(
-    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (one is plenty for one user).")] = 1,
     tracking_uri: TrackingUri = None,
@@ -610,47 +568,18 @@ def ui(
     raise typer.Exit(run_server(command))
 
 
-def run_server(command: list[str], grace_s: float = 10.0) -> int:
-    """Run a server until it exits or this process is stopped (Ctrl-C, SIGTERM); returns its exit code (0
-    when stopped). The server gets its own process group and, when it ends or is stopped, the whole group
-    (the server and the workers it forked) is terminated: SIGTERM, then SIGKILL after `grace_s`."""
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    process = subprocess.Popen(command, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        code = 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _stop_group(process, grace_s)
-    return code
-
-
-def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return  # the whole group is gone already
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 @app.command()
 def label(
     task_file: Annotated[Path, typer.Argument(help="The collect stage's tasks.jsonl (its message names it).")],
     labeler: Annotated[str | None, typer.Option(help="Your name, put in the printed URL.")] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the labeling page.")] = 8765,
-    answers_dir: Annotated[Path | None, typer.Option(help="Where <labeler>.jsonl answers go "
-                                                     "(default: tasks.answers/ beside the task file).")] = None,
+    answers_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where <labeler>.jsonl answers go (default: tasks.answers/ beside the task file)."),
+    ] = None,
 ) -> None:
     """Serve the labeling page: rank each prompt's sampled responses; every answer is saved at once."""
     from flows.labeling_app import make_server, serve_server

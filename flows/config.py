@@ -23,12 +23,24 @@ from schemas.config import (
     dump_config,
     load_config,
     parse_config,
-    render_reference_config,
 )
+from schemas.reference_config import render_reference_config
 
-__all__ = ["AUTO_LENGTHS", "STAGE_ORDER", "TINY_BASE", "USER_TRACKING_URI", "ConfigError", "DatasetSource",
-           "PipelineConfig", "apply_override", "canonical_hash", "dump_config", "load_config", "parse_config",
-           "render_reference_config"]
+__all__ = [
+    "AUTO_LENGTHS",
+    "STAGE_ORDER",
+    "TINY_BASE",
+    "USER_TRACKING_URI",
+    "ConfigError",
+    "DatasetSource",
+    "PipelineConfig",
+    "apply_override",
+    "canonical_hash",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "render_reference_config",
+]
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--reference"]:

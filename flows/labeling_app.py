@@ -87,15 +87,28 @@ class LabelingServer(ThreadingHTTPServer):
 
     def state(self, labeler: str) -> dict[str, Any]:
         """Progress of `labeler` and their first unanswered item (responses in their display order)."""
-        answered = {item_id for (lab, item_id) in latest_answers(self._answers_of(labeler))
-                    if lab == labeler and item_id in self.items_by_id}
+        answered = {
+            item_id
+            for (lab, item_id) in latest_answers(self._answers_of(labeler))
+            if lab == labeler and item_id in self.items_by_id
+        }
         pending = next((i for i, item in enumerate(self.items) if item["item_id"] not in answered), None)
-        state: dict[str, Any] = {"labeler": labeler, "task": self.task_file.name, "total": len(self.items),
-                                 "answered": len(answered), "done": pending is None, "item": None}
+        state: dict[str, Any] = {
+            "labeler": labeler,
+            "task": self.task_file.name,
+            "total": len(self.items),
+            "answered": len(answered),
+            "done": pending is None,
+            "item": None,
+        }
         if pending is not None:
             item = self.items[pending]
-            state["item"] = {"item_id": item["item_id"], "index": pending, "prompt": item["prompt"],
-                             "responses": display_order(item, labeler)}
+            state["item"] = {
+                "item_id": item["item_id"],
+                "index": pending,
+                "prompt": item["prompt"],
+                "responses": display_order(item, labeler),
+            }
         return state
 
     def _answers_of(self, labeler: str) -> list[dict[str, Any]]:
@@ -111,8 +124,9 @@ class LabelingServer(ThreadingHTTPServer):
 def display_order(item: Mapping[str, Any], labeler: str) -> list[dict[str, Any]]:
     """The item's responses shuffled per (item, labeler): sampling order says nothing, and a fixed position
     for the first sample would invite position bias. Deterministic, so a resumed page shows the same order."""
-    responses = [{"id": r["id"], "text": r["text"], "ended_with_eos": r.get("ended_with_eos", True)}
-                 for r in item["responses"]]
+    responses = [
+        {"id": r["id"], "text": r["text"], "ended_with_eos": r.get("ended_with_eos", True)} for r in item["responses"]
+    ]
     random.Random(f"{item['item_id']}:{labeler}").shuffle(responses)
     return responses
 
@@ -137,9 +151,11 @@ class LabelingHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy",
-                         "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                         "connect-src 'self'; img-src data:")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src data:",
+        )
         self.end_headers()
         self.wfile.write(body)
 
@@ -183,7 +199,9 @@ class LabelingHandler(BaseHTTPRequestHandler):
 
     def _get(self) -> None:
         if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost")
+            return self._error(
+                HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost"
+            )
         url = urlsplit(self.path)
         if url.path == "/":
             return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
@@ -199,7 +217,9 @@ class LabelingHandler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost")
+            return self._error(
+                HTTPStatus.FORBIDDEN, "this server only answers requests for 127.0.0.1, ::1 or localhost"
+            )
         if urlsplit(self.path).path != "/api/answer":
             return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
         if not (self.headers.get("Content-Type") or "").startswith("application/json"):
@@ -226,14 +246,20 @@ class LabelingHandler(BaseHTTPRequestHandler):
         return self._json(HTTPStatus.OK, {"saved": True, **state})
 
 
-def make_server(task_file: str | Path, answers_dir: str | Path | None = None, host: str = DEFAULT_HOST,
-                port: int = DEFAULT_PORT) -> LabelingServer:
+def make_server(
+    task_file: str | Path, answers_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+) -> LabelingServer:
     """A bound (not yet serving) server; `port=0` picks a free port (see `server.url`)."""
     return LabelingServer((host, port), task_file, answers_dir)
 
 
-def serve(task_file: str | Path, answers_dir: str | Path | None = None, host: str = DEFAULT_HOST,
-          port: int = DEFAULT_PORT, labeler: str | None = None) -> None:
+def serve(
+    task_file: str | Path,
+    answers_dir: str | Path | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    labeler: str | None = None,
+) -> None:
     """Serve the labeling page until interrupted (Ctrl-C), printing where to open it. A malformed task file
     raises `ValueError` (naming its line), an address that cannot be bound `OSError`, before anything is served."""
     serve_server(make_server(task_file, answers_dir, host, port), labeler)
@@ -242,12 +268,17 @@ def serve(task_file: str | Path, answers_dir: str | Path | None = None, host: st
 def serve_server(server: LabelingServer, labeler: str | None = None) -> None:
     """Serve a bound server (`make_server`) until interrupted, then close it."""
     if not server.loopback_only:
-        print(f"WARNING: serving on {server.server_address[0]}, reachable from other machines, with no "
-              "authentication.", file=sys.stderr)
+        print(
+            f"WARNING: serving on {server.server_address[0]}, reachable from other machines, with no authentication.",
+            file=sys.stderr,
+        )
     query = f"?labeler={labeler}" if labeler else "?labeler=YOUR_NAME"
-    print(f"Labeling {len(server.items)} items of {server.task_file}\n"
-          f"answers: {server.answers_dir}/<labeler>.jsonl\n"
-          f"open {server.url}{query}   (Ctrl-C to stop; answers are saved as you go)", flush=True)
+    print(
+        f"Labeling {len(server.items)} items of {server.task_file}\n"
+        f"answers: {server.answers_dir}/<labeler>.jsonl\n"
+        f"open {server.url}{query}   (Ctrl-C to stop; answers are saved as you go)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -260,9 +291,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m flows.labeling_app TASK_FILE [--answers-dir DIR] [--host H] [--port P] [--labeler NAME]`."""
     parser = argparse.ArgumentParser(prog="python -m flows.labeling_app", description=__doc__.splitlines()[0])
     parser.add_argument("task_file", type=Path)
-    parser.add_argument("--answers-dir", type=Path, default=None,
-                        help="where <labeler>.jsonl files go (default: <task stem>.answers/ beside the task file)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: this machine only; ::1 for IPv6)")
+    parser.add_argument(
+        "--answers-dir",
+        type=Path,
+        default=None,
+        help="where <labeler>.jsonl files go (default: <task stem>.answers/ beside the task file)",
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: this machine only; ::1 for IPv6)"
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--labeler", default=None, help="name to put in the printed URL")
     args = parser.parse_args(argv)

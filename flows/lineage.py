@@ -92,9 +92,7 @@ class LineageNode:
 
     def digests(self) -> dict[str, str]:
         """`{"<stage>/<dataset name>": digest}` over the whole tree (stage names keep two stages' `train` apart)."""
-        return {
-            f"{node.stage or node.role}/{ds.name}": ds.digest for node in self.walk() for ds in node.datasets
-        }
+        return {f"{node.stage or node.role}/{ds.name}": ds.digest for node in self.walk() for ds in node.datasets}
 
     def problems(self) -> list[str]:
         """Every `missing` node's reason, in tree order (empty when the lineage is complete)."""
@@ -275,7 +273,7 @@ def _upstream_pointers(tags: dict[str, str]) -> dict[str, dict[str, str]]:
     pointers: dict[str, dict[str, str]] = {}
     for key, value in tags.items():
         if key.startswith(UPSTREAM_PREFIX) and value:
-            role, _, field_name = key[len(UPSTREAM_PREFIX):].rpartition(".")
+            role, _, field_name = key[len(UPSTREAM_PREFIX) :].rpartition(".")
             if role and field_name in ("run_id", "model_uri"):
                 pointers.setdefault(role, {})[field_name] = value
     return dict(sorted(pointers.items()))
@@ -287,7 +285,7 @@ def _datasets(run: Any) -> list[DatasetRef]:
     by_name: dict[str, DatasetRef] = {}
     for key, value in run.data.tags.items():
         if key.startswith(DATA_PREFIX) and key.endswith(DIGEST_SUFFIX):
-            name = key[len(DATA_PREFIX): -len(DIGEST_SUFFIX)]
+            name = key[len(DATA_PREFIX) : -len(DIGEST_SUFFIX)]
             by_name[name] = DatasetRef(name=name, digest=value)
     inputs = run.inputs.dataset_inputs if run.inputs is not None else []
     for dataset_input in inputs:
@@ -345,8 +343,10 @@ def _add_details(branch: Tree, node: LineageNode, show_params: bool) -> None:
     if node.model_uri and node.kind == "run":
         branch.add(f"[dim]model[/] {escape(node.model_uri)}")
     if node.pipeline_config_hash:
-        branch.add(f"[dim]pipeline config[/] {_short(node.pipeline_config_hash)}"
-                   + (f" [dim]prefect flow run[/] {node.flow_run_id}" if node.flow_run_id else ""))
+        branch.add(
+            f"[dim]pipeline config[/] {_short(node.pipeline_config_hash)}"
+            + (f" [dim]prefect flow run[/] {node.flow_run_id}" if node.flow_run_id else "")
+        )
     if node.cache_key:
         branch.add(f"[dim]cache key[/] {_short(node.cache_key)}  [dim]code[/] {escape(node.code_version or '?')}")
     for ds in node.datasets:

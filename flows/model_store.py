@@ -71,13 +71,15 @@ def find_hf_model_dir(root: Path) -> Path:
             return directory
     pickles = [str(p.relative_to(root)) for pattern in PICKLE_WEIGHTS for p in root.rglob(pattern)]
     if pickles:
-        raise ModelNotFound(f"{root} holds only pickle-format weights ({', '.join(sorted(pickles))}); "
-                                 "convert them to safetensors first")
+        raise ModelNotFound(
+            f"{root} holds only pickle-format weights ({', '.join(sorted(pickles))}); convert them to safetensors first"
+        )
     raise ModelNotFound(f"no Hugging Face model (config.json + *.safetensors) found under {root}")
 
 
-def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path,
-                      status: Callable[[str], ContextManager[object]] | None = None) -> Path:
+def resolve_model_dir(
+    model: str, tracking_uri: str, cache_dir: Path, status: Callable[[str], ContextManager[object]] | None = None
+) -> Path:
     """A local directory `from_pretrained` can load, for a path, `models:/…` or `runs:/…` URI.
 
     MLflow artifacts are downloaded once into `cache_dir/<models|runs>/…`; the download goes to a temporary
@@ -101,8 +103,12 @@ def resolve_model_dir(model: str, tracking_uri: str, cache_dir: Path,
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
             with (status or (lambda _: contextlib.nullcontext()))(f"Downloading {download_uri} …"):
-                mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
-                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=download_uri,
+                    dst_path=str(staging),
+                    tracking_uri=tracking_uri,
+                    registry_uri=tracking_uri,
+                )
             atomic_replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

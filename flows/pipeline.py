@@ -91,8 +91,9 @@ def mlflow_run_url(config: PipelineConfig, experiment_id: str, run_id: str) -> s
     """The run's page on the MLflow server in use (the tracking server, or `$RLHF_MLFLOW_UI_URL` serving the
     local store: `tracking.ui_url`), else where `rlhf ui` will show it."""
     uri = config.tracking_uri()
-    return (tracking.run_url(uri, experiment_id, run_id)
-            or f"{RLHF_UI_DEFAULT}/#/experiments/{experiment_id}/runs/{run_id}")
+    return (
+        tracking.run_url(uri, experiment_id, run_id) or f"{RLHF_UI_DEFAULT}/#/experiments/{experiment_id}/runs/{run_id}"
+    )
 
 
 def _flow_run() -> tuple[str | None, str | None]:
@@ -105,8 +106,12 @@ def _flow_run() -> tuple[str | None, str | None]:
 
 # The training stages whose step budget is a parent-run param (next to each algorithm's key setting).
 TRAINING_STAGES = ("sft", "reward_model", "dpo", "ppo", "grpo", "rloo")
-KEY_SETTINGS = {"dpo": ("dpo_beta",), "ppo": ("kl_coef",), "grpo": ("num_samples_per_prompt", "kl_coef"),
-                "rloo": ("num_samples_per_prompt", "kl_coef")}
+KEY_SETTINGS = {
+    "dpo": ("dpo_beta",),
+    "ppo": ("kl_coef",),
+    "grpo": ("num_samples_per_prompt", "kl_coef"),
+    "rloo": ("num_samples_per_prompt", "kl_coef"),
+}
 SECTION = {"rloo": "grpo"}  # the config section of a stage named otherwise
 
 
@@ -120,8 +125,12 @@ def key_params(config: PipelineConfig) -> dict[str, str]:
     """The parent run's params: what tells two pipelines apart at a glance in the runs table (the full config
     is the `pipeline_config.yaml` artifact and every stage run's params)."""
     active = config.active_stages()
-    params = {"algorithm": config.algorithm, "base_model": config.base_model, "seed": str(config.seed),
-              "stages": ",".join(active)}
+    params = {
+        "algorithm": config.algorithm,
+        "base_model": config.base_model,
+        "seed": str(config.seed),
+        "stages": ",".join(active),
+    }
     for stage in TRAINING_STAGES:
         if stage not in active:
             continue
@@ -144,33 +153,52 @@ def start_pipeline_run(config: PipelineConfig, flow_name: str = "pipeline") -> S
     experiment_id = tracking.ensure_experiment(client, config.tracking.experiment_name, config.artifact_location())
     flow_run_id, flow_run_url = _flow_run()
     parent_runs.close_dead_runs(client, experiment_id, config.name, config.work_path())
-    run = client.create_run(experiment_id, run_name=pipeline_run_name(config), tags={k: v for k, v in {
-        "rlhf.kind": "pipeline",
-        "rlhf.pipeline": config.name,
-        "rlhf.flow": flow_name,
-        "rlhf.algorithm": config.algorithm,
-        "rlhf.config_hash": config.config_hash(),
-        "rlhf.code_version": config.cache.code_version or tracking.code_version(),
-        "rlhf.git_commit": tracking.git_commit(),
-        "prefect.flow_run_id": flow_run_id,
-        "prefect.flow_run_url": flow_run_url,
-    }.items() if v is not None})
+    run = client.create_run(
+        experiment_id,
+        run_name=pipeline_run_name(config),
+        tags={
+            k: v
+            for k, v in {
+                "rlhf.kind": "pipeline",
+                "rlhf.pipeline": config.name,
+                "rlhf.flow": flow_name,
+                "rlhf.algorithm": config.algorithm,
+                "rlhf.config_hash": config.config_hash(),
+                "rlhf.code_version": config.cache.code_version or tracking.code_version(),
+                "rlhf.git_commit": tracking.git_commit(),
+                "prefect.flow_run_id": flow_run_id,
+                "prefect.flow_run_url": flow_run_url,
+            }.items()
+            if v is not None
+        },
+    )
     run_id = run.info.run_id
     parent_runs.hold(config.work_path(), run_id)
     tracking.log_text(client, run_id, dump_config(config), "pipeline_config.yaml")
     tracking.log_params(client, run_id, key_params(config))
     if flow_run_id is not None:  # Prefect artifacts belong to a flow run
-        create_link_artifact(link=mlflow_run_url(config, experiment_id, run_id), link_text=f"MLflow run {run_id}",
-                             key="mlflow-run", description=f"MLflow parent run of pipeline {config.name!r}")
+        create_link_artifact(
+            link=mlflow_run_url(config, experiment_id, run_id),
+            link_text=f"MLflow run {run_id}",
+            key="mlflow-run",
+            description=f"MLflow parent run of pipeline {config.name!r}",
+        )
     return StageEnv(config=config, parent_run_id=run_id, experiment_id=experiment_id)
 
 
 def stage_table_artifact(pointers: dict[str, StagePointer]) -> None:
     """A Prefect table artifact: one row per stage pointer."""
-    rows = [{"stage": stage, "status": "reused" if p.reused else "executed", "mlflow_run_id": p.run_id or "",
-             "model_uri": p.model_uri or "", "cache_key": p.cache_key[:16],
-             "resumed_from_step": p.resumed_from_step if p.resumed_from_step is not None else ""}
-            for stage, p in pointers.items()]
+    rows = [
+        {
+            "stage": stage,
+            "status": "reused" if p.reused else "executed",
+            "mlflow_run_id": p.run_id or "",
+            "model_uri": p.model_uri or "",
+            "cache_key": p.cache_key[:16],
+            "resumed_from_step": p.resumed_from_step if p.resumed_from_step is not None else "",
+        }
+        for stage, p in pointers.items()
+    ]
     create_table_artifact(table=rows, key="stage-pointers", description="Stage pointers of this pipeline run")
 
 
@@ -200,7 +228,8 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
     rm = None
     if "reward_model" in active:
         rm = out["reward_model"] = reward_model_task.with_options(**_opts(cfg, "reward_model"))(
-            env, out["validate"], sft, collected)
+            env, out["validate"], sft, collected
+        )
     policy = None
     if "dpo" in active:
         policy = out["dpo"] = dpo_task.with_options(**_opts(cfg, "dpo"))(env, out["validate"], sft)
@@ -209,7 +238,8 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
     for critic_free in ("grpo", "rloo"):
         if critic_free in active:
             policy = out[critic_free] = grpo_task.with_options(name=critic_free, **_opts(cfg, critic_free))(
-                env, out["validate"], sft, rm)
+                env, out["validate"], sft, rm
+            )
     if "evaluate" in active:
         available = {"base": base, "sft": sft, "policy": policy}
         models = {name: available[name] for name in cfg.evaluation.models if available.get(name) is not None}
@@ -217,7 +247,8 @@ def run_dag(env: StageEnv) -> dict[str, StagePointer]:
         if champion is not None and "policy" in models:
             models[CHAMPION] = champion  # scored beside the candidate, on the same prompts and seeds
         out["evaluate"] = evaluate_task.with_options(**_opts(cfg, "evaluate"))(
-            env, out["validate"], models, reference=sft, reward_model=rm)
+            env, out["validate"], models, reference=sft, reward_model=rm
+        )
     return out
 
 
@@ -226,20 +257,25 @@ def current_champion(env: StageEnv, policy: StagePointer | None, reference: Stag
     another vocabulary than `reference` (then promotion falls back to the champion's stored score)."""
     if policy is None:
         return None
-    found = tracking.champion_model(env.client, env.config.tracking.registered_model,
-                                    env.config.work_path() / "models")
+    found = tracking.champion_model(env.client, env.config.tracking.registered_model, env.config.work_path() / "models")
     if found is None or found[0].run_id == policy.run_id:
         return None
     version, model_dir = found
     from transformers import AutoTokenizer
 
-    if AutoTokenizer.from_pretrained(model_dir).get_vocab() != AutoTokenizer.from_pretrained(
-            reference.model_dir).get_vocab():
+    if (
+        AutoTokenizer.from_pretrained(model_dir).get_vocab()
+        != AutoTokenizer.from_pretrained(reference.model_dir).get_vocab()
+    ):
         print(f"@champion (version {version.version}) has another vocabulary: compared by its stored score")
         return None
-    return StagePointer(stage=CHAMPION, cache_key=f"{version.name}/{version.version}:{version.run_id}",
-                        run_id=version.run_id, model_uri=f"models:/{version.name}/{version.version}",
-                        model_dir=model_dir)
+    return StagePointer(
+        stage=CHAMPION,
+        cache_key=f"{version.name}/{version.version}:{version.run_id}",
+        run_id=version.run_id,
+        model_uri=f"models:/{version.name}/{version.version}",
+        model_dir=model_dir,
+    )
 
 
 def champion_metric(metrics: dict[str, float]) -> str | None:
@@ -256,9 +292,13 @@ def register_policy(env: StageEnv, policy: StagePointer, evaluation: StagePointe
     value = metrics.get(metric) if metric else None
     # The champion scored in this same evaluation, on the same prompts; else (no champion evaluated) its stored
     # value from its own evaluation.
-    rescored = (evaluation.extra.get("per_model", {}).get(CHAMPION, {}) if evaluation is not None else {})
-    tags = {"rlhf.pipeline": env.config.name, "rlhf.stage": policy.stage, "rlhf.cache_key": policy.cache_key,
-            "rlhf.evaluate_run_id": evaluation.run_id if evaluation else None}
+    rescored = evaluation.extra.get("per_model", {}).get(CHAMPION, {}) if evaluation is not None else {}
+    tags = {
+        "rlhf.pipeline": env.config.name,
+        "rlhf.stage": policy.stage,
+        "rlhf.cache_key": policy.cache_key,
+        "rlhf.evaluate_run_id": evaluation.run_id if evaluation else None,
+    }
     if metric is not None:
         tags[metric] = value
     version = tracking.register_version(client, name, policy.run_id or "", tags)
@@ -275,10 +315,20 @@ def register_policy(env: StageEnv, policy: StagePointer, evaluation: StagePointe
         client.set_registered_model_alias(name, CHAMPION, version)
         promoted = champion is None or str(champion.version) != version
     aliases = list(client.get_model_version(name, version).aliases or [])
-    tracking.set_tags(client, env.parent_run_id, {"rlhf.registered_model": f"{name}/{version}",
-                                                  "rlhf.promoted": str(promoted).lower()})
-    return RegisteredPolicy(name=name, version=version, aliases=sorted(aliases), promoted=promoted, metric=metric,
-                            value=value, champion_value=champion_value)
+    tracking.set_tags(
+        client,
+        env.parent_run_id,
+        {"rlhf.registered_model": f"{name}/{version}", "rlhf.promoted": str(promoted).lower()},
+    )
+    return RegisteredPolicy(
+        name=name,
+        version=version,
+        aliases=sorted(aliases),
+        promoted=promoted,
+        metric=metric,
+        value=value,
+        champion_value=champion_value,
+    )
 
 
 def finish_pipeline(env: StageEnv, pointers: dict[str, StagePointer], status: str) -> None:
@@ -307,12 +357,20 @@ def rlhf_pipeline(config_path: str, overrides: list[str] | None = None) -> Pipel
         raise
     finish_pipeline(env, pointers, "FINISHED")
     result = PipelineResult(
-        name=config.name, config_hash=config.config_hash(), tracking_uri=config.tracking_uri(),
-        experiment_id=env.experiment_id, parent_run_id=env.parent_run_id,
-        mlflow_run_url=mlflow_run_url(config, env.experiment_id, env.parent_run_id), flow_run_id=_flow_run()[0],
-        stages={s: p for s, p in pointers.items() if s != "base"}, registered=registered)
-    print(f"pipeline {config.name!r} done: executed {result.executed() or 'nothing (all cached)'}; "
-          f"MLflow: {result.mlflow_run_url}")
+        name=config.name,
+        config_hash=config.config_hash(),
+        tracking_uri=config.tracking_uri(),
+        experiment_id=env.experiment_id,
+        parent_run_id=env.parent_run_id,
+        mlflow_run_url=mlflow_run_url(config, env.experiment_id, env.parent_run_id),
+        flow_run_id=_flow_run()[0],
+        stages={s: p for s, p in pointers.items() if s != "base"},
+        registered=registered,
+    )
+    print(
+        f"pipeline {config.name!r} done: executed {result.executed() or 'nothing (all cached)'}; "
+        f"MLflow: {result.mlflow_run_url}"
+    )
     table = result.results_table()
     if table and not os.environ.get(CLI_PRINTS_RESULTS):  # `rlhf run` prints it itself, once, after the run
         print(f"evaluation on {config.evaluation.num_prompts or 'all'} held-out prompts:\n{table}")

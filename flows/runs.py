@@ -65,7 +65,9 @@ def _duration(run: Run) -> str:
     if not run.info.end_time or not run.info.start_time:
         return MISSING
     seconds = (run.info.end_time - run.info.start_time) / 1000
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    return (
+        f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    )
 
 
 def to_row(run: Run, experiment: str = "") -> PipelineRunRow:
@@ -76,11 +78,16 @@ def to_row(run: Run, experiment: str = "") -> PipelineRunRow:
     if tags.get("rlhf.promoted") == "true":
         registered += " (champion)"
     return PipelineRunRow(
-        name=run.info.run_name or tags.get("rlhf.pipeline", MISSING), status=run.info.status,
-        algorithm=tags.get("rlhf.algorithm") or run.data.params.get("algorithm", MISSING), started=started,
+        name=run.info.run_name or tags.get("rlhf.pipeline", MISSING),
+        status=run.info.status,
+        algorithm=tags.get("rlhf.algorithm") or run.data.params.get("algorithm", MISSING),
+        started=started,
         duration=_duration(run),
         metrics=tuple(fmt.format(metrics[m]) if m in metrics else MISSING for _, m, fmt, _ in METRIC_COLUMNS),
-        registered=registered, run_id=run.info.run_id, experiment=experiment)
+        registered=registered,
+        run_id=run.info.run_id,
+        experiment=experiment,
+    )
 
 
 def recent_pipeline_runs(client: MlflowClient, experiment: str | None = None, limit: int = 20) -> list[PipelineRunRow]:
@@ -97,6 +104,10 @@ def recent_pipeline_runs(client: MlflowClient, experiment: str | None = None, li
     if not experiments:
         return []
     names = {e.experiment_id: e.name for e in experiments}
-    runs = client.search_runs(list(names), filter_string="tags.`rlhf.kind` = 'pipeline'", max_results=limit,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        list(names),
+        filter_string="tags.`rlhf.kind` = 'pipeline'",
+        max_results=limit,
+        order_by=["attributes.start_time DESC"],
+    )
     return [to_row(run, names[run.info.experiment_id]) for run in runs]

@@ -62,12 +62,14 @@ def _run(env: StageEnv, stage: str, validated: StagePointer, up: dict[str, Stage
     models = {"sft": up["sft"], "policy": up["policy"]}
     if "base" in env.config.evaluation.models:
         models = {"base": resolve_base_model(env.config), **models}
-    return evaluate_task.with_options(**opts)(env, validated, models, reference=up["sft"],
-                                              reward_model=up.get("reward_model"))
+    return evaluate_task.with_options(**opts)(
+        env, validated, models, reference=up["sft"], reward_model=up.get("reward_model")
+    )
 
 
-def run_single_stage(stage: str, config_path: str, upstream: dict[str, Any] | None = None,
-                     overrides: list[str] | None = None) -> StagePointer:
+def run_single_stage(
+    stage: str, config_path: str, upstream: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> StagePointer:
     """Validate the data, then run `stage` alone with the given upstream pointers (dicts or `StagePointer`s)."""
     if stage not in NEEDS:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(NEEDS)}")
@@ -80,7 +82,8 @@ def run_single_stage(stage: str, config_path: str, upstream: dict[str, Any] | No
     pointers: dict[str, StagePointer] = {}
     try:
         pointers["validate"] = validate_task.with_options(**config.prefect.for_stage("validate"))(
-            env, resolve_base_model(config))
+            env, resolve_base_model(config)
+        )
         if stage != "validate":
             pointers[stage] = _run(env, stage, pointers["validate"], up)
     except BaseException as exc:

@@ -32,8 +32,8 @@ occurrence of each text, and drops empty or blank responses (an immediate EOS), 
 rejects. Such an item gives fewer than K(K−1)/2 pairs, and one with < 2 usable texts no row.
 
 Judge labelers (`JudgeLabeler`) rank by any scoring function `score(prompt, response) -> float`: the bundled
-task's gold judge, a trained reward model (`reward_model_scorer`), or a user callable named `"module:function"`
-(`import_callable` — this IMPORTS AND RUNS the named module's code, so only name code you trust). Label noise
+task's gold judge, a trained reward model (`judges.reward_model_scorer`), or a user callable named `"module:function"`
+(`judges.import_callable` — this IMPORTS AND RUNS the named module's code, so only name code you trust). Label noise
 for simulations: with probability `noise` an answer is a uniformly random order instead of the judge's (a
 careless labeler); a random order agrees with the judge on each pair with probability ½, so the expected share
 of pairs that disagree with the judge is `noise / 2`. Responses the judge scores equal are not ordered among
@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
 import json
 import math
 import os
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,21 +60,17 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.atomic import atomic_open
 from rlhf_core.generation import SamplingConfig, generate
-from rlhf_core.models import disable_dropout, load_reward_model, score_sequences
+from rlhf_core.judges import ScoreFn
 from rlhf_core.tokenization import (
     Conversation,
-    collate_right_padded,
     default_device,
-    encode_prompt_response,
-    padding_id,
     prompt_of,
 )
 
-ScoreFn = Callable[[Conversation, str], float]
 ACTIONS = ("rank", "skip", "all_bad")
 LABELER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always `fullmatch`: `$` lets "name\n" pass
 ANSWERS_SUFFIX = ".jsonl"
@@ -179,14 +174,18 @@ def sample_candidates(
         for j, prompt in enumerate(chunk):
             texts = out.texts[j * k : (j + 1) * k]
             ended = out.ended_with_eos[j * k : (j + 1) * k].tolist()
-            items.append({
-                "item_id": item_id(len(items), prompt, texts),
-                "prompt": prompt,
-                "responses": [{"id": f"r{r}", "text": t, "ended_with_eos": bool(e)}
-                              for r, (t, e) in enumerate(zip(texts, ended, strict=True))],
-                "model": model_name,
-                "sampling": asdict(sampling),
-            })
+            items.append(
+                {
+                    "item_id": item_id(len(items), prompt, texts),
+                    "prompt": prompt,
+                    "responses": [
+                        {"id": f"r{r}", "text": t, "ended_with_eos": bool(e)}
+                        for r, (t, e) in enumerate(zip(texts, ended, strict=True))
+                    ],
+                    "model": model_name,
+                    "sampling": asdict(sampling),
+                }
+            )
     return items
 
 
@@ -205,8 +204,15 @@ def _check_item(item: Any, where: str) -> None:
     if not isinstance(item["item_id"], str) or not item["item_id"]:
         raise ValueError(f"{where}: item_id must be a non-empty string")
     responses = item["responses"]
-    ids = [r["id"] for r in responses if isinstance(r, dict) and isinstance(r.get("id"), str)
-           and isinstance(r.get("text"), str)] if isinstance(responses, list) else []
+    ids = (
+        [
+            r["id"]
+            for r in responses
+            if isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("text"), str)
+        ]
+        if isinstance(responses, list)
+        else []
+    )
     if not isinstance(responses, list) or len(ids) != len(responses) or len(set(ids)) != len(ids) or len(ids) < 2:
         raise ValueError(f"{where}: responses must be a list of >= 2 objects with a unique string `id` and a `text`")
 
@@ -219,8 +225,9 @@ def read_task_file(path: str | Path) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); is it a task file?") \
-                    from None
+                raise ValueError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); is it a task file?"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -258,79 +265,6 @@ def create_task_file(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Scoring functions for judge labelers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def import_callable(spec: str) -> Callable[..., Any]:
-    """Resolve `"package.module:function"` (or `module:Class.method`) with importlib.
-
-    Security: this imports the module, which RUNS its top-level code — the same trust as `python -c "import
-    module"`. Only name modules you trust, and keep pipeline configs that do so under review.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    target: Any = importlib.import_module(module_name)
-    for attr in attr_path.split("."):
-        target = getattr(target, attr)
-    if not callable(target):
-        raise TypeError(f"{spec!r} is not callable")
-    return target
-
-
-class RewardModelScorer:
-    """A trained reward model as a judge: `scorer(prompt, response)` or, batched, `scorer.score_batch(prompt,
-    responses)`. Responses are encoded exactly as the RM trainer encodes them (`encode_prompt_response`:
-    separate prompt/response tokenisation, end-of-turn appended) and scored at the last real token."""
-
-    def __init__(self, path: str | Path, device: torch.device | str | None = None, batch_size: int = 16,
-                 max_prompt_len: int | None = 256, max_response_len: int | None = 256) -> None:
-        self.device = default_device(device)
-        self.model = disable_dropout(load_reward_model(path)).eval().to(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        tok = self.tokenizer
-        self.pad_id = padding_id(tok)
-        self.batch_size, self.max_prompt_len, self.max_response_len = batch_size, max_prompt_len, max_response_len
-
-    @torch.no_grad()
-    def score_batch(self, prompt: Conversation, responses: Sequence[str]) -> list[float]:
-        """RM scores `[len(responses)]` of the responses to one prompt."""
-        pairs = [encode_prompt_response(self.tokenizer, prompt, r, self.max_prompt_len, self.max_response_len)
-                 for r in responses]
-        scores: list[float] = []
-        for start in range(0, len(pairs), self.batch_size):
-            batch = collate_right_padded(pairs[start : start + self.batch_size], self.pad_id)
-            scores.extend(score_sequences(self.model, batch["input_ids"].to(self.device),
-                                          batch["attention_mask"].to(self.device)).tolist())
-        return scores
-
-    def __call__(self, prompt: Conversation, response: str) -> float:
-        return self.score_batch(prompt, [response])[0]
-
-
-def reward_model_scorer(path: str | Path, device: torch.device | str | None = None, **kwargs: Any) -> RewardModelScorer:
-    """The reward model saved at `path` as a scoring function (see `RewardModelScorer`)."""
-    return RewardModelScorer(path, device=device, **kwargs)
-
-
-def resolve_judge(spec: str | None, reward_model_path: str | Path | None = None,
-                  device: torch.device | str | None = None) -> ScoreFn:
-    """`gold` → `support_bot.gold_score`; `reward_model` → `reward_model_scorer(reward_model_path)`;
-    `module:function` → that callable (imported: see `import_callable`)."""
-    if spec is None:
-        raise ValueError("a judge labeler needs `judge`: 'reward_model', 'module:function' or 'gold' (the bundled "
-                         "task's rlhf_core.support_bot:gold_score)")
-    if spec == "gold":
-        return import_callable("rlhf_core.support_bot:gold_score")
-    if spec == "reward_model":
-        if reward_model_path is None:
-            raise ValueError("judge 'reward_model' needs a reward model path")
-        return reward_model_scorer(reward_model_path, device=device)
-    return import_callable(spec)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Labelers → answers
 # --------------------------------------------------------------------------------------------------------------
 
@@ -361,8 +295,9 @@ class JudgeLabeler:
         raw = batch_fn(item["prompt"], texts) if batch_fn else [self.score_fn(item["prompt"], t) for t in texts]
         scores = [float(s) for s in raw]
         if len(scores) != len(texts) or not all(math.isfinite(s) for s in scores):
-            raise ValueError(f"item {item['item_id']}: the judge must return one finite score per response, "
-                             f"got {scores}")
+            raise ValueError(
+                f"item {item['item_id']}: the judge must return one finite score per response, got {scores}"
+            )
         return scores
 
     def answer(self, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -401,8 +336,10 @@ def check_labeler(name: Any) -> str:
     if not name:
         raise InvalidAnswer("missing labeler name: open the page as /?labeler=YOUR_NAME or enter a name")
     if not isinstance(name, str) or not LABELER_NAME.fullmatch(name):
-        raise InvalidAnswer(f"invalid labeler name {_brief(name)}: use 1-64 letters, digits, '_', '.' or '-' "
-                            "(starting with a letter or digit)")
+        raise InvalidAnswer(
+            f"invalid labeler name {_brief(name)}: use 1-64 letters, digits, '_', '.' or '-' "
+            "(starting with a letter or digit)"
+        )
     return name
 
 
@@ -471,10 +408,14 @@ def _check_order(item: Mapping[str, Any], order: Any) -> list[str]:
     unknown = sorted(counts.keys() - set(ids))
     duplicated = sorted(o for o, n in counts.items() if n > 1)
     if missing or unknown or duplicated:
-        problems = [f"{name} {_brief(values)}" for name, values in
-                    (("missing", missing), ("unknown", unknown), ("duplicated", duplicated)) if values]
-        raise InvalidAnswer(f"the order must rank each of the {len(ids)} responses exactly once: "
-                            + "; ".join(problems))
+        problems = [
+            f"{name} {_brief(values)}"
+            for name, values in (("missing", missing), ("unknown", unknown), ("duplicated", duplicated))
+            if values
+        ]
+        raise InvalidAnswer(
+            f"the order must rank each of the {len(ids)} responses exactly once: " + "; ".join(problems)
+        )
     return list(order)
 
 
@@ -621,16 +562,21 @@ def rankings_from_answers(items: Sequence[Mapping[str, Any]], answers: Iterable[
                 rows.append(row)
                 row_items.append(item["item_id"])
     responses = [r for item in items for r in item["responses"]]
-    return Collected(rows=rows, row_items=row_items, counts={
-        "collect/items": float(len(items)),
-        "collect/answered_items": float(len(answered)),
-        "collect/rankings": float(len(rows)),
-        "collect/pairs": float(sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rows)),
-        "collect/skipped": float(counts["skip"]),
-        "collect/all_bad": float(counts["all_bad"]),
-        "collect/labelers": float(len({lab for lab, _ in latest})),
-        "collect/no_eos_fraction": sum(not r.get("ended_with_eos", True) for r in responses) / max(len(responses), 1),
-    })
+    return Collected(
+        rows=rows,
+        row_items=row_items,
+        counts={
+            "collect/items": float(len(items)),
+            "collect/answered_items": float(len(answered)),
+            "collect/rankings": float(len(rows)),
+            "collect/pairs": float(sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rows)),
+            "collect/skipped": float(counts["skip"]),
+            "collect/all_bad": float(counts["all_bad"]),
+            "collect/labelers": float(len({lab for lab, _ in latest})),
+            "collect/no_eos_fraction": sum(not r.get("ended_with_eos", True) for r in responses)
+            / max(len(responses), 1),
+        },
+    )
 
 
 def collect_rankings(task_file: str | Path, answers_dir: str | Path) -> list[dict[str, Any]]:
@@ -649,8 +595,9 @@ def split_by_item(collected: Collected, eval_fraction: float, seed: int) -> tupl
     return train, held
 
 
-def label_with_judge(items: Sequence[Mapping[str, Any]], labeler: JudgeLabeler,
-                     answers_dir: str | Path | None = None) -> Collected:
+def label_with_judge(
+    items: Sequence[Mapping[str, Any]], labeler: JudgeLabeler, answers_dir: str | Path | None = None
+) -> Collected:
     """Answer every item with `labeler` (saved to `answers_dir/<labeler.name>.jsonl` when given, as a human's
     would be) and return the rankings."""
     answers = labeler.label(items)

@@ -104,8 +104,7 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
 def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
     """Share of prompts where `scores[i] > baseline_scores[i]`, a tie counting ½."""
     if len(scores) != len(baseline_scores) or not scores:
-        raise ValueError(f"need two non-empty score lists of one length, got {len(scores)} and "
-                         f"{len(baseline_scores)}")
+        raise ValueError(f"need two non-empty score lists of one length, got {len(scores)} and {len(baseline_scores)}")
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores, strict=True))
     return wins / len(scores)
 
@@ -150,12 +149,16 @@ def _pairs_for_scorer(
     for out in outputs:
         for row in range(out.response_ids.shape[0]):
             if same_vocab:
-                pair = EncodedPair(_real_ids(out.prompt_ids[row], out.prompt_attention_mask[row]),
-                                   _real_ids(out.response_ids[row], out.response_mask[row]))
+                pair = EncodedPair(
+                    _real_ids(out.prompt_ids[row], out.prompt_attention_mask[row]),
+                    _real_ids(out.response_ids[row], out.response_mask[row]),
+                )
             else:
                 response = scorer_tokenizer(out.texts[row], add_special_tokens=False)["input_ids"]
-                pair = EncodedPair(encode_prompt(scorer_tokenizer, prompts[i], max_prompt_len),
-                                   list(response) + ([eot] if bool(out.ended_with_eos[row]) else []))
+                pair = EncodedPair(
+                    encode_prompt(scorer_tokenizer, prompts[i], max_prompt_len),
+                    list(response) + ([eot] if bool(out.ended_with_eos[row]) else []),
+                )
             pairs.append(pair)
             i += 1
     return pairs
@@ -168,8 +171,9 @@ def reward_scores(reward_model: nn.Module, pairs: Sequence[EncodedPair], pad_id:
     scores: list[float] = []
     for start in range(0, len(pairs), batch_size):
         batch = collate_right_padded(pairs[start : start + batch_size], pad_id)
-        scores.extend(score_sequences(reward_model, batch["input_ids"].to(device),
-                                      batch["attention_mask"].to(device)).tolist())
+        scores.extend(
+            score_sequences(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        )
     return scores
 
 
@@ -213,8 +217,9 @@ def evaluate_policy(
     return ModelSamples(
         name=name,
         texts=texts,
-        response_ids=[_real_ids(ids, m) for out in outputs for ids, m in zip(out.response_ids, out.response_mask,
-                                                                              strict=True)],
+        response_ids=[
+            _real_ids(ids, m) for out in outputs for ids, m in zip(out.response_ids, out.response_mask, strict=True)
+        ],
         ended_with_eos=[bool(e) for out in outputs for e in out.ended_with_eos],
         rm_scores=rm_scores,
         gold_scores=[float(gold_fn(p, t)) for p, t in zip(prompts, texts, strict=True)] if gold_fn else None,
@@ -253,8 +258,7 @@ def samples_table(prompts: Sequence[Conversation], results: Sequence[ModelSample
         row: dict[str, Any] = {"prompt": prompt}
         for r in results:
             row[f"{r.name}/response"] = r.texts[i]
-            for key, values in (("rm_score", r.rm_scores), ("gold_score", r.gold_scores),
-                                ("kl_to_ref", r.kl_to_ref)):
+            for key, values in (("rm_score", r.rm_scores), ("gold_score", r.gold_scores), ("kl_to_ref", r.kl_to_ref)):
                 if values is not None:
                     row[f"{r.name}/{key}"] = values[i]
         rows.append(row)
@@ -299,8 +303,10 @@ def evaluate_models(
     sampling = replace(sampling_config, seed=seed)
     rm = None
     if reward_model_path is not None:
-        rm = (disable_dropout(load_reward_model(reward_model_path)).eval().to(device),
-              _tokenizer_or_none(reward_model_path))
+        rm = (
+            disable_dropout(load_reward_model(reward_model_path)).eval().to(device),
+            _tokenizer_or_none(reward_model_path),
+        )
     reference = ref_tokenizer = None
     if reference_model_path is not None:
         reference, ref_tokenizer = load_policy(reference_model_path, device=device)
@@ -309,10 +315,12 @@ def evaluate_models(
     for name, path in models.items():
         model, tokenizer = load_policy(path, device=device)
         if ref_tokenizer is not None and tokenizer.get_vocab() != ref_tokenizer.get_vocab():
-            raise ValueError(f"model {name!r} and the reference have different vocabularies: token-level KL is "
-                             "undefined")
-        results[name] = evaluate_policy(name, model, tokenizer, prompts, sampling, rm, reference, gold_fn,
-                                        batch_size, max_prompt_len)
+            raise ValueError(
+                f"model {name!r} and the reference have different vocabularies: token-level KL is undefined"
+            )
+        results[name] = evaluate_policy(
+            name, model, tokenizer, prompts, sampling, rm, reference, gold_fn, batch_size, max_prompt_len
+        )
         del model
         gc.collect()
     base = results[baseline]
@@ -342,16 +350,26 @@ def results_table(per_model: Mapping[str, Mapping[str, float]], baseline: str | 
     header = ("model", "gold ± s.e.", "RM ± s.e.", "win gold", "win RM", "KL", "length", "no-EOS")
     rows = [header]
     for name, m in per_model.items():
-        rows.append((name, _pm(m, "eval/gold_score"), _pm(m, "eval/rm_score"),
-                     f"{m['eval/win_rate_gold']:.2f}" if "eval/win_rate_gold" in m else "–",
-                     f"{m['eval/win_rate_rm']:.2f}" if "eval/win_rate_rm" in m else "–",
-                     f"{m['eval/kl_to_ref']:.2f}" if "eval/kl_to_ref" in m else "–",
-                     f"{m.get('eval/response_length', math.nan):.1f}",
-                     f"{m.get('eval/no_eos_fraction', math.nan):.2f}"))
+        rows.append(
+            (
+                name,
+                _pm(m, "eval/gold_score"),
+                _pm(m, "eval/rm_score"),
+                f"{m['eval/win_rate_gold']:.2f}" if "eval/win_rate_gold" in m else "–",
+                f"{m['eval/win_rate_rm']:.2f}" if "eval/win_rate_rm" in m else "–",
+                f"{m['eval/kl_to_ref']:.2f}" if "eval/kl_to_ref" in m else "–",
+                f"{m.get('eval/response_length', math.nan):.1f}",
+                f"{m.get('eval/no_eos_fraction', math.nan):.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"win: share of prompts where the model's response beats {baseline or 'the baseline'}'s (tie ½); "
-                 "KL: nats per response to the reference; length: tokens")
+    lines.append(
+        f"win: share of prompts where the model's response beats {baseline or 'the baseline'}'s (tie ½); "
+        "KL: nats per response to the reference; length: tokens"
+    )
     return "\n".join(lines)

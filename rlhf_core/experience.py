@@ -68,8 +68,9 @@ class ExperienceConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature <= 0:
-            raise ValueError(f"need max_new_tokens >= 1 and temperature > 0, got {self.max_new_tokens}, "
-                             f"{self.temperature}")
+            raise ValueError(
+                f"need max_new_tokens >= 1 and temperature > 0, got {self.max_new_tokens}, {self.temperature}"
+            )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0):
@@ -197,11 +198,11 @@ def shape_scores(
 ) -> torch.Tensor:
     """RM scores `[B]` → the scores that enter the rewards `[B]`, in this order:
 
-        1. normalise   "std": s / σ;  "mean_std": (s − μ) / σ   (μ, σ: running moments, updated with this batch
-                       first, so the very first batch is normalised by its own statistics)
-        2. clip        clamp(s, −c, c)
-        3. no EOS      s := missing_eos_score for every response that never ended (docs/pitfalls.md §5); after the
-                       normalisation, so the penalty is on the scale the policy sees
+    1. normalise   "std": s / σ;  "mean_std": (s − μ) / σ   (μ, σ: running moments, updated with this batch
+                   first, so the very first batch is normalised by its own statistics)
+    2. clip        clamp(s, −c, c)
+    3. no EOS      s := missing_eos_score for every response that never ended (docs/pitfalls.md §5); after the
+                   normalisation, so the penalty is on the scale the policy sees
     """
     scores = rm_scores.float()
     if config.score_norm != "none":
@@ -225,20 +226,33 @@ def reference_logprobs(
     """log π_ref(a_t | s_t) `[B, T]` of the rollout's responses. `reference=None`: `actor` is a LoRA (peft)
     model and π_ref is the same model with its adapters disabled."""
     with reference_model(actor, reference) as ref:
-        return response_forward(ref, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
-                                rollout.response_mask, temperature).logprobs
+        return response_forward(
+            ref,
+            rollout.prompt_ids,
+            rollout.prompt_attention_mask,
+            rollout.response_ids,
+            rollout.response_mask,
+            temperature,
+        ).logprobs
 
 
 @torch.no_grad()
-def critic_forward(model: nn.Module, rollout: GenerationOutput, temperature: float) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
+def critic_forward(
+    model: nn.Module, rollout: GenerationOutput, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(values, logprobs)`, each `[B, T]`: V(s_t) (float32) and log π(a_t | s_t) from one forward pass of the
     actor-critic `model` (forward → `(logits, values)`) over the rollout, in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        out = response_forward(model, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
-                               rollout.response_mask, temperature)
+        out = response_forward(
+            model,
+            rollout.prompt_ids,
+            rollout.prompt_attention_mask,
+            rollout.response_ids,
+            rollout.response_mask,
+            temperature,
+        )
     finally:
         model.train(was_training)
     if out.values is None:
@@ -287,8 +301,7 @@ def make_experience(
     if timings is not None:
         timings.update(generation_s=sampled - started, scoring_s=time.perf_counter() - sampled)
     # 4. per-token rewards with the KL penalty
-    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef,
-                                       config.kl_estimator)
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef, config.kl_estimator)
     # 5. advantages and value targets
     advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.gae_lambda)
     valid = response_mask.bool()
@@ -321,8 +334,9 @@ def distinct_n(sequences: Sequence[Sequence[Any]], n: int) -> float:
 
 def response_token_lists(experience: Experience | GenerationOutput) -> list[list[int]]:
     """The real response ids of every row, as Python lists."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(experience.response_ids, experience.response_mask,
-                                                            strict=True)]
+    return [
+        ids[mask.bool()].tolist() for ids, mask in zip(experience.response_ids, experience.response_mask, strict=True)
+    ]
 
 
 def experience_metrics(experience: Experience) -> dict[str, float]:

@@ -190,8 +190,10 @@ def generate(
     dropout) and is put back in its previous mode afterwards.
     """
     if config.max_new_tokens == "auto" or max_prompt_len == "auto":
-        raise ValueError("max_new_tokens / max_prompt_len 'auto' must be resolved from the data before sampling "
-                         "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set to integers")
+        raise ValueError(
+            "max_new_tokens / max_prompt_len 'auto' must be resolved from the data before sampling "
+            "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set to integers"
+        )
     body = model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
     pad_id = padding_id(tokenizer)
     device = next(body.parameters()).device

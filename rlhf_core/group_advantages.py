@@ -158,8 +158,9 @@ def group_policy_loss(
     return loss, stats
 
 
-def kl_penalized_scores(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                        mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def kl_penalized_scores(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
     """KL in the reward instead of the loss (RLOO's form): `s − β·Σ_t (log π_old(a_t) − log π_ref(a_t))`, the
     response's k1 estimate of KL(π‖π_ref). Shapes: `scores [B]`, the rest `[B, T]`; returns `[B]`, detached."""
     return scores.detach() - kl_coef * masked_sum((logprobs - ref_logprobs).detach(), mask, dim=1)

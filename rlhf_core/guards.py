@@ -27,8 +27,9 @@ class DeadSignalError(RuntimeError):
     """The rollouts carry no reward signal; the message says why and what to change."""
 
 
-def reward_signal_problem(rollouts: Sequence[Mapping[str, float]], missing_eos_score: float | None,
-                          max_new_tokens: int) -> str | None:
+def reward_signal_problem(
+    rollouts: Sequence[Mapping[str, float]], missing_eos_score: float | None, max_new_tokens: int
+) -> str | None:
     """Why the rollouts (`experience_metrics` of the first iterations) carry no reward signal, or None.
 
     Dead when EVERY given iteration has (near) zero variance of the shaped scores, or — with the no-EOS penalty
@@ -38,18 +39,24 @@ def reward_signal_problem(rollouts: Sequence[Mapping[str, float]], missing_eos_s
         return None
     no_eos = [r["no_eos_fraction"] for r in rollouts]
     if missing_eos_score is not None and all(x >= NO_EOS_LIMIT for x in no_eos):
-        penalty = (f"missing_eos_score={missing_eos_score} replaced their scores by one constant, so the reward "
-                   "carries almost no information")
-        return (f"{min(no_eos):.0%}–{max(no_eos):.0%} of the responses in the first {len(rollouts)} iterations never "
-                f"emitted the end-of-turn token within max_new_tokens={max_new_tokens}: {penalty}. Fix: let "
-                "max_new_tokens cover the answers (`auto` in the pipeline), and train SFT on untruncated targets "
-                "(sft.max_response_len: auto) so the model learns to stop.")
+        penalty = (
+            f"missing_eos_score={missing_eos_score} replaced their scores by one constant, so the reward "
+            "carries almost no information"
+        )
+        return (
+            f"{min(no_eos):.0%}–{max(no_eos):.0%} of the responses in the first {len(rollouts)} iterations never "
+            f"emitted the end-of-turn token within max_new_tokens={max_new_tokens}: {penalty}. Fix: let "
+            "max_new_tokens cover the answers (`auto` in the pipeline), and train SFT on untruncated targets "
+            "(sft.max_response_len: auto) so the model learns to stop."
+        )
     flat = [r for r in rollouts if r["shaped_score_std"] <= 1e-6 * (1.0 + abs(r["shaped_score_mean"]))]
     if len(flat) == len(rollouts):
-        return (f"every response in the first {len(rollouts)} iterations got the same score "
-                f"({rollouts[0]['shaped_score_mean']:.4g}, std {rollouts[0]['shaped_score_std']:.2g}): the advantages "
-                "are only the KL penalty. Check the reward model (its held-out accuracy, whether it scores the "
-                "policy's samples differently), the reward functions, and score_clip/missing_eos_score.")
+        return (
+            f"every response in the first {len(rollouts)} iterations got the same score "
+            f"({rollouts[0]['shaped_score_mean']:.4g}, std {rollouts[0]['shaped_score_std']:.2g}): the advantages "
+            "are only the KL penalty. Check the reward model (its held-out accuracy, whether it scores the "
+            "policy's samples differently), the reward functions, and score_clip/missing_eos_score."
+        )
     return None
 
 
@@ -70,8 +77,11 @@ def reward_model_accuracy(
     correct = 0
     for start in range(0, len(pairs), batch_size):
         rows = list(pairs)[start : start + batch_size]
-        encoded = [encode_prompt_response(tokenizer, r["prompt"], r[k], max_prompt_len) for k in ("chosen",
-                   "rejected") for r in rows]
+        encoded = [
+            encode_prompt_response(tokenizer, r["prompt"], r[k], max_prompt_len)
+            for k in ("chosen", "rejected")
+            for r in rows
+        ]
         batch = collate_right_padded(encoded, pad_id)
         scores = score_sequences(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         correct += int((scores[: len(rows)] > scores[len(rows) :]).sum())
@@ -93,13 +103,18 @@ def check_reward_model(
     if accuracy is None and eval_pairs:
         accuracy = reward_model_accuracy(reward_model, tokenizer, eval_pairs, max_prompt_len=max_prompt_len)
     if accuracy is None:
-        warnings.warn("PPO starts without a held-out accuracy of the reward model: an RM at chance makes PPO "
-                      "optimise noise. Pass reward_model_eval_accuracy or reward_model_eval_pairs.", stacklevel=3)
+        warnings.warn(
+            "PPO starts without a held-out accuracy of the reward model: an RM at chance makes PPO "
+            "optimise noise. Pass reward_model_eval_accuracy or reward_model_eval_pairs.",
+            stacklevel=3,
+        )
         return None
     if accuracy < min_accuracy:
-        message = (f"reward model held-out accuracy {accuracy:.3f} is below min_reward_model_accuracy="
-                   f"{min_accuracy}: PPO against an RM at chance optimises noise "
-                   "(train the RM longer or on more data)")
+        message = (
+            f"reward model held-out accuracy {accuracy:.3f} is below min_reward_model_accuracy="
+            f"{min_accuracy}: PPO against an RM at chance optimises noise "
+            "(train the RM longer or on more data)"
+        )
         if mode == "raise":
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)

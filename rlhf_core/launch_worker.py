@@ -50,8 +50,11 @@ def trainers() -> dict[str, tuple[type[TrainerConfig], Callable[..., TrainResult
     from rlhf_core.trainers.reward import RewardConfig, train_reward_model
     from rlhf_core.trainers.sft import SFTConfig, train_sft
 
-    return {"sft": (SFTConfig, train_sft), "reward_model": (RewardConfig, train_reward_model),
-            "dpo": (DPOConfig, train_dpo)}
+    return {
+        "sft": (SFTConfig, train_sft),
+        "reward_model": (RewardConfig, train_reward_model),
+        "dpo": (DPOConfig, train_dpo),
+    }
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,7 @@ class JsonLinesLogger:
         self.handle = open(path, "a", buffering=1)  # noqa: SIM115 — open for the whole run, closed in `close`
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.handle.write(json.dumps({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}})
-                          + "\n")
+        self.handle.write(json.dumps({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
@@ -125,8 +127,9 @@ def run_spec(spec: LaunchSpec) -> TrainResult:
     launch_dir = Path(spec.launch_dir)
     logger = JsonLinesLogger(launch_dir / METRICS_FILE) if rank() == 0 else None
     try:
-        result = train(config, spec.model_path, read_jsonl(spec.train_rows), read_jsonl(spec.eval_rows),
-                       spec.output_dir, logger)
+        result = train(
+            config, spec.model_path, read_jsonl(spec.train_rows), read_jsonl(spec.eval_rows), spec.output_dir, logger
+        )
     finally:
         if logger is not None:
             logger.close()
@@ -134,9 +137,17 @@ def run_spec(spec: LaunchSpec) -> TrainResult:
         import torch.distributed as dist
 
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        atomic_write_text(launch_dir / RESULT_FILE, json.dumps({
-            "model_dir": str(result.model_dir), "metrics": result.metrics,
-            "resumed_from_step": result.resumed_from_step, "world_size": world_size}))
+        atomic_write_text(
+            launch_dir / RESULT_FILE,
+            json.dumps(
+                {
+                    "model_dir": str(result.model_dir),
+                    "metrics": result.metrics,
+                    "resumed_from_step": result.resumed_from_step,
+                    "world_size": world_size,
+                }
+            ),
+        )
     return result
 
 

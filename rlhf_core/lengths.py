@@ -94,16 +94,25 @@ class LengthStats:
 
     def summary(self) -> dict[str, int]:
         """`count`, `p50`, `p95`, `max`: what is logged and shown."""
-        return {"count": self.count, "p50": self.quantile(0.5), "p95": self.quantile(0.95),
-                "max": max(self.histogram, default=0)}
+        return {
+            "count": self.count,
+            "p50": self.quantile(0.5),
+            "p95": self.quantile(0.95),
+            "max": max(self.histogram, default=0),
+        }
 
 
-def measure_lengths(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping[str, Any]],
-                    kind: str) -> dict[str, LengthStats]:
+def measure_lengths(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[Mapping[str, Any]], kind: str
+) -> dict[str, LengthStats]:
     """Token lengths of a dataset's prompts and (for demonstration, preference and ranking rows) responses, as
     the trainers encode them: the prompt through the chat template, each response with its end-of-turn token."""
-    response_keys = {"demonstration": ("response",), "preference": ("chosen", "rejected"),
-                     "ranking": ("responses",), "prompt": ()}[kind]
+    response_keys = {
+        "demonstration": ("response",),
+        "preference": ("chosen", "rejected"),
+        "ranking": ("responses",),
+        "prompt": (),
+    }[kind]
     prompts = [len(encode_prompt(tokenizer, row["prompt"])) for row in rows]
     out = {"prompt": LengthStats.of(prompts)}
     texts = []
@@ -129,13 +138,15 @@ def merge_stats(*stats: LengthStats | None) -> LengthStats | None:
     return LengthStats(dict(sorted(total.items())))
 
 
-def resolve_length(name: str, setting: Any, stats: LengthStats | None, policy: LengthPolicy, sampling: bool,
-                   where: str = "") -> Any:
+def resolve_length(
+    name: str, setting: Any, stats: LengthStats | None, policy: LengthPolicy, sampling: bool, where: str = ""
+) -> Any:
     """One limit: `"auto"` → the covered length (× headroom when `sampling`); an explicit one is checked."""
     if setting == AUTO:
         if stats is None or stats.count == 0:
-            raise ValueError(f"{where}{name}='auto' needs token lengths of the data to resolve from; "
-                             "set an integer instead")
+            raise ValueError(
+                f"{where}{name}='auto' needs token lengths of the data to resolve from; set an integer instead"
+            )
         covered = stats.quantile(policy.coverage)
         return max(1, math.ceil(covered * policy.sampling_headroom) if sampling else covered)
     if setting is None or stats is None or policy.allow_truncation:
@@ -147,12 +158,18 @@ def resolve_length(name: str, setting: Any, stats: LengthStats | None, policy: L
             f"{where}{name}={setting} cuts {cut:.0%} of the rows (token lengths: p50 {s['p50']}, p95 {s['p95']}, "
             f"max {s['max']}, over {s['count']} rows); a cut response loses its end-of-turn token, so the model "
             f"never learns to stop. Set {name}: auto (covers {policy.coverage:.0%}) or >= "
-            f"{stats.quantile(policy.coverage)}, or lengths.allow_truncation: true if you mean to cut.")
+            f"{stats.quantile(policy.coverage)}, or lengths.allow_truncation: true if you mean to cut."
+        )
     return setting
 
 
-def resolve_lengths(config: Any, prompt: LengthStats | None = None, response: LengthStats | None = None,
-                    policy: LengthPolicy | None = None, where: str = "") -> Any:
+def resolve_lengths(
+    config: Any,
+    prompt: LengthStats | None = None,
+    response: LengthStats | None = None,
+    policy: LengthPolicy | None = None,
+    where: str = "",
+) -> Any:
     """`config` (a dataclass) with every `"auto"` length field resolved and every explicit one checked, nested
     dataclasses (e.g. a `sampling` config) included; returns a copy. `where` prefixes error messages."""
     policy = policy or LengthPolicy()

@@ -93,7 +93,9 @@ def sequence_logprobs(
     # Only positions from the earliest response token on need vocabulary logits: for DPO's long prompts the
     # [batch, L, V] float32 tensor over prompt positions is most of the step's memory and a good part of its time.
     has_response = response_mask.bool().any(dim=1)
-    first = torch.where(has_response, response_mask.int().argmax(dim=1), torch.zeros_like(has_response, dtype=torch.long))
+    first = torch.where(
+        has_response, response_mask.int().argmax(dim=1), torch.zeros_like(has_response, dtype=torch.long)
+    )
     keep = width - max(int(first.min().item()) - 1, 0)
     logits, _ = _forward(model, input_ids, attention_mask, logits_to_keep=keep)
     logits = logits[:, :-1].float()  # [batch, keep - 1, V]: column j predicts token width - keep + 1 + j
@@ -173,8 +175,13 @@ def shared_prompt_logprobs(
     if batch * n != response_ids.shape[0]:
         raise ValueError(f"{response_ids.shape[0]} responses for {batch} prompts: need the same n for each")
     prompt_positions = position_ids_from_attention_mask(prompt_mask)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                       use_cache=True, logits_to_keep=1)
+    prompt_out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = getattr(prompt_out, _CACHE)
     cache.batch_repeat_interleave(n)
     prompt_len = prompt_mask.sum(1, keepdim=True).repeat_interleave(n, 0)  # [B·n, 1]

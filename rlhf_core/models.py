@@ -201,8 +201,9 @@ def _restore_score_bias(model: PreTrainedModel, path: Path) -> None:
                 bias = f.get_tensor("score.bias")
     if bias is None:  # saved by a tool that kept only the offset: the head had no bias before normalising
         bias = torch.full((head.out_features,), -float(offset))
-    biased = nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
-                       device=head.weight.device)
+    biased = nn.Linear(
+        head.in_features, head.out_features, bias=True, dtype=head.weight.dtype, device=head.weight.device
+    )
     with torch.no_grad():
         biased.weight.copy_(head.weight)
         biased.bias.copy_(bias.to(biased.bias))
@@ -236,8 +237,10 @@ def reward_model_from_causal_lm(
     # a causal LM of this architecture, and a body trained from random init would fail silently.
     missing = sorted(k for k in info["missing_keys"] if not k.split(".")[0] == "score")
     if missing:
-        raise ValueError(f"{causal_lm_path}: weights {missing[:5]} missing for a reward model of this architecture "
-                         f"({len(missing)} in all); is it a causal-LM directory?")
+        raise ValueError(
+            f"{causal_lm_path}: weights {missing[:5]} missing for a reward model of this architecture "
+            f"({len(missing)} in all); is it a causal-LM directory?"
+        )
     _ensure_pad_token_id(model)
     return model
 
@@ -276,9 +279,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * columns).argmax(-1)
 
 
-def score_sequences(
-    reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def score_sequences(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each sequence: the score head on the last real token's hidden state, `[batch]` float32.
 
     The last real token comes from `attention_mask` (either padding side), never from a search for pad ids, so a
@@ -322,8 +323,12 @@ class PolicyAndCritic(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = position_ids_from_attention_mask(attention_mask)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": False}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
         logits = self.pretrained_model(**inputs, logits_to_keep=logits_to_keep).logits
         # The backbone alone: the classifier's own forward would pool one position per row.
         hidden = self.critic.base_model(**inputs).last_hidden_state  # [batch, L, hidden], after the final norm

@@ -9,7 +9,7 @@ special tokens, as the evaluation and the collect stage see it. PPO shapes this 
 clipping, the no-EOS penalty: `experience.shape_scores`) and adds the per-token KL penalty.
 
 Security: naming `"module:function"` imports that module, which runs its top-level code (see
-`collection.import_callable`); only name code you trust.
+`judges.import_callable`); only name code you trust.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rlhf_core.collection import import_callable
 from rlhf_core.generation import GenerationOutput
+from rlhf_core.judges import import_callable
 from rlhf_core.models import score_sequences
 from rlhf_core.tokenization import Conversation
 
@@ -72,13 +72,15 @@ def reward_model_scores(reward_model: nn.Module, rollout: GenerationOutput) -> t
     """RM score `[B]` of each `prompt + response` of the rollout, read at the last real token (the final EOS
     when the row ended, else the last sampled token)."""
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # [B, P+T]
-    attention_mask = torch.cat([rollout.prompt_attention_mask, rollout.response_mask.to(
-        rollout.prompt_attention_mask.dtype)], dim=1)
+    attention_mask = torch.cat(
+        [rollout.prompt_attention_mask, rollout.response_mask.to(rollout.prompt_attention_mask.dtype)], dim=1
+    )
     return score_sequences(reward_model, input_ids, attention_mask)
 
 
-def build_scorer(reward_model: nn.Module | None, rm_weight: float,
-                 reward_functions: Mapping[str, float]) -> RewardScorer:
+def build_scorer(
+    reward_model: nn.Module | None, rm_weight: float, reward_functions: Mapping[str, float]
+) -> RewardScorer:
     """A scorer from config values: `reward_functions` is `{"module:function": weight}` (imported here)."""
     functions = {spec: (import_callable(spec), float(weight)) for spec, weight in reward_functions.items()}
     return RewardScorer(reward_model if rm_weight != 0 else None, rm_weight if rm_weight != 0 else 0.0, functions)

@@ -35,122 +35,170 @@ import argparse
 import hashlib
 import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-Message = dict[str, str]
-Conversation = str | list[Message]
-
-# --------------------------------------------------------------------------------------------------------------
-# Gold judge
-# --------------------------------------------------------------------------------------------------------------
-
-EMPTY_SCORE = -2.0
-"""Score of an empty or blank reply (below any reply with words: compound ≥ −1, penalties ≤ 2)."""
-LONG_REPLY_WORDS = 80
-"""Replies longer than this many words lose `LENGTH_PENALTY` (support replies should be short)."""
-LENGTH_PENALTY = 1.0
-MIN_DISTINCT_RATIO = 0.5
-"""A reply of ≥ 8 words whose distinct words are fewer than this share of its words is repetitive."""
-REPETITION_PENALTY = 1.0
-
-# Words that commit to a concrete action on the customer's behalf. A published lexicon would be better; this
-# short list is deliberately generic (any support task), not tuned to the generator's sentences.
-ACTION_WORDS = frozenset({
-    "arrange", "arranged", "cancel", "cancelled", "credit", "credited", "escalate", "escalated", "expedite",
-    "expedited", "issue", "issued", "refund", "refunded", "reimburse", "reimbursed", "reactivate",
-    "reactivated", "replace", "replaced", "replacement", "reship", "reshipped", "resend", "resent", "reset",
-    "restore", "restored", "return", "reverse", "reversed", "send", "sending", "sent", "ship", "shipped",
-    "track", "tracking", "unlock", "unlocked", "upgrade", "upgraded", "waive", "waived",
-})
-
-_WORD = re.compile(r"[a-z0-9']+")
-# Tokens made of digits (with inner `.,-`): order and customer numbers, amounts, `3-5`. Matched as whole tokens
-# on both sides, so "3" never matches inside "#48213".
-_ENTITY = re.compile(r"\d(?:[\d.,-]*\d)?")
-MIN_ENTITY_CHARS = 3
-"""Shorter numbers ("3 days", "the 2nd") are too common to show the reply is about this customer's case."""
-
-
-@lru_cache(maxsize=1)
-def _vader() -> SentimentIntensityAnalyzer:
-    return SentimentIntensityAnalyzer()
-
-
-def _text(x: Conversation) -> str:
-    """A string as is; messages as their contents joined by newlines."""
-    return x if isinstance(x, str) else "\n".join(m["content"] for m in x)
-
-
-def entities(text: str) -> set[str]:
-    """The concrete references in `text`: every number of ≥ `MIN_ENTITY_CHARS` characters (order and customer
-    numbers, amounts; `#48213` → `48213`, `$23.45` → `23.45`, `C-4821` → `4821`)."""
-    return {m.group(0) for m in _ENTITY.finditer(text) if len(m.group(0)) >= MIN_ENTITY_CHARS}
-
-
-def gold_score(prompt: Conversation, response: Conversation) -> float:
-    """The task's gold judge: how good `response` is as an answer to the customer's `prompt`.
-
-        score = vader_compound(response)              ∈ [−1, 1]   tone (VADER, the published lexicon)
-              + 1[response repeats a prompt entity]   ∈ {0, 1}    it is about *this* order / account
-              + 1[response contains an action word]   ∈ {0, 1}    it commits to something (`ACTION_WORDS`)
-              − 1[more than 80 words] − 1[≥ 8 words and distinct words < 50 %]
-
-    An empty or blank reply scores `EMPTY_SCORE` (−2). Range otherwise [−3, 3]. Entities (see `entities`) are looked
-    for in the whole prompt (all turns of a conversation). Deterministic and independent of how the data was generated;
-    used for labelling the bundled data and for evaluation, never as a training reward.
-    """
-    text = _text(response).strip()
-    if not text:
-        return EMPTY_SCORE
-    words = _WORD.findall(text.lower())
-    score = _vader().polarity_scores(text)["compound"]
-    score += float(not entities(_text(prompt)).isdisjoint(entities(text)))
-    score += float(not ACTION_WORDS.isdisjoint(words))
-    if len(words) > LONG_REPLY_WORDS:
-        score -= LENGTH_PENALTY
-    if len(words) >= 8 and len(set(words)) < MIN_DISTINCT_RATIO * len(words):
-        score -= REPETITION_PENALTY
-    return score
-
+from rlhf_core.gold_judge import Message, gold_score
 
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary of the generator
 # --------------------------------------------------------------------------------------------------------------
 
-NAMES = ("Maria", "James", "Aisha", "Chen", "Lucas", "Priya", "Tom", "Fatima", "Oliver", "Yuki", "Sofia",
-         "Daniel", "Amara", "Ivan", "Emma", "Kwame", "Laura", "Mateo", "Hannah", "Omar", "Grace", "Noah",
-         "Elena", "Samuel", "Zara", "Ben", "Ines", "Raj", "Chloe", "Diego", "Nadia", "Peter", "Lina", "Hugo",
-         "Mei", "Ahmed", "Julia", "Felix", "Rosa", "Kenji")
-PRODUCTS = ("wireless headset", "coffee grinder", "standing desk", "air fryer", "phone case", "robot vacuum",
-            "yoga mat", "electric kettle", "gaming mouse", "winter jacket", "smart watch", "desk lamp",
-            "blender", "office chair", "pair of hiking boots", "bluetooth speaker", "baby monitor", "espresso machine",
-            "laptop stand", "pair of running shoes", "tablet", "rice cooker", "backpack", "toaster", "webcam",
-            "mechanical keyboard", "hair dryer", "camping tent", "water bottle", "e-reader", "monitor",
-            "sofa cushion set", "kids' bike", "printer", "drone", "fitness tracker", "microwave", "suitcase",
-            "board game", "cookware set")
-PARTS = ("charging cable", "power adapter", "remote", "manual", "lid", "second cushion", "mounting screws",
-         "battery", "carrying case", "filter")
+NAMES = (
+    "Maria",
+    "James",
+    "Aisha",
+    "Chen",
+    "Lucas",
+    "Priya",
+    "Tom",
+    "Fatima",
+    "Oliver",
+    "Yuki",
+    "Sofia",
+    "Daniel",
+    "Amara",
+    "Ivan",
+    "Emma",
+    "Kwame",
+    "Laura",
+    "Mateo",
+    "Hannah",
+    "Omar",
+    "Grace",
+    "Noah",
+    "Elena",
+    "Samuel",
+    "Zara",
+    "Ben",
+    "Ines",
+    "Raj",
+    "Chloe",
+    "Diego",
+    "Nadia",
+    "Peter",
+    "Lina",
+    "Hugo",
+    "Mei",
+    "Ahmed",
+    "Julia",
+    "Felix",
+    "Rosa",
+    "Kenji",
+)
+PRODUCTS = (
+    "wireless headset",
+    "coffee grinder",
+    "standing desk",
+    "air fryer",
+    "phone case",
+    "robot vacuum",
+    "yoga mat",
+    "electric kettle",
+    "gaming mouse",
+    "winter jacket",
+    "smart watch",
+    "desk lamp",
+    "blender",
+    "office chair",
+    "pair of hiking boots",
+    "bluetooth speaker",
+    "baby monitor",
+    "espresso machine",
+    "laptop stand",
+    "pair of running shoes",
+    "tablet",
+    "rice cooker",
+    "backpack",
+    "toaster",
+    "webcam",
+    "mechanical keyboard",
+    "hair dryer",
+    "camping tent",
+    "water bottle",
+    "e-reader",
+    "monitor",
+    "sofa cushion set",
+    "kids' bike",
+    "printer",
+    "drone",
+    "fitness tracker",
+    "microwave",
+    "suitcase",
+    "board game",
+    "cookware set",
+)
+PARTS = (
+    "charging cable",
+    "power adapter",
+    "remote",
+    "manual",
+    "lid",
+    "second cushion",
+    "mounting screws",
+    "battery",
+    "carrying case",
+    "filter",
+)
 PLANS = ("Premium", "Family", "Pro", "Plus", "Annual", "Student", "Streaming", "Cloud Storage")
-DATES = ("March 3", "last Monday", "two weeks ago", "June 14", "the 2nd", "last Friday", "October 21",
-         "ten days ago", "January 9", "the start of the month", "May 27", "a month ago")
+DATES = (
+    "March 3",
+    "last Monday",
+    "two weeks ago",
+    "June 14",
+    "the 2nd",
+    "last Friday",
+    "October 21",
+    "ten days ago",
+    "January 9",
+    "the start of the month",
+    "May 27",
+    "a month ago",
+)
 OCCASIONS = ("my daughter's birthday", "a trip", "work", "my exams", "the holidays", "a wedding", "my new flat")
 
-OPENERS = ("", "Hi,", "Hello,", "Hey.", "Seriously?", "This is ridiculous.", "I can't believe this.",
-           "Third time writing!", "Good morning,", "Unbelievable.", "Hi there,", "OK, I'm fed up.")
-COMPLAINTS = ("", "This is unacceptable.", "I'm really frustrated.",
-              "I've been a customer for {years} years and this is how you treat me?", "I needed it for {occasion}.",
-              "Nobody answers the phone.", "I'm done waiting.", "Honestly, I'm furious.", "Your chat bot is useless.",
-              "I've wasted hours on this.", "This is the worst service I've had.", "I'm so disappointed.")
-DEMANDS = ("", "Fix this now.", "What are you going to do about it?", "I want my money back.",
-           "Can someone please help?", "Please sort this out today.", "I want to speak to a manager.",
-           "Answer me this time.", "What now?", "I expect a proper answer.")
+OPENERS = (
+    "",
+    "Hi,",
+    "Hello,",
+    "Hey.",
+    "Seriously?",
+    "This is ridiculous.",
+    "I can't believe this.",
+    "Third time writing!",
+    "Good morning,",
+    "Unbelievable.",
+    "Hi there,",
+    "OK, I'm fed up.",
+)
+COMPLAINTS = (
+    "",
+    "This is unacceptable.",
+    "I'm really frustrated.",
+    "I've been a customer for {years} years and this is how you treat me?",
+    "I needed it for {occasion}.",
+    "Nobody answers the phone.",
+    "I'm done waiting.",
+    "Honestly, I'm furious.",
+    "Your chat bot is useless.",
+    "I've wasted hours on this.",
+    "This is the worst service I've had.",
+    "I'm so disappointed.",
+)
+DEMANDS = (
+    "",
+    "Fix this now.",
+    "What are you going to do about it?",
+    "I want my money back.",
+    "Can someone please help?",
+    "Please sort this out today.",
+    "I want to speak to a manager.",
+    "Answer me this time.",
+    "What now?",
+    "I expect a proper answer.",
+)
 SIGNOFFS = ("", "", "- {name}", "Thanks, {name}", "{name}", "Regards, {name}")
 
 ISSUES: dict[str, tuple[str, ...]] = {
@@ -240,8 +288,13 @@ APOLOGIES = (
 )
 GREETINGS = ("Hi {name}!", "Hello {name}.", "Hi {name}, thanks for writing.", "Dear {name}, thank you for telling us.")
 ANON_GREETINGS = ("Hi there!", "Hello.", "Hi, thanks for writing.")
-CLOSINGS = ("", "Thank you for your patience.", "Is there anything else I can help with?",
-            "Thanks for bearing with us.", "Please reply here if anything else goes wrong.")
+CLOSINGS = (
+    "",
+    "Thank you for your patience.",
+    "Is there anything else I can help with?",
+    "Thanks for bearing with us.",
+    "Please reply here if anything else goes wrong.",
+)
 CURT = ("{action}", "Noted. {action}", "{action} Nothing else needed.", "Done. {action}")
 VAGUE = (
     "Thank you so much for reaching out! We truly value you as a customer and we're always happy to help.",
@@ -288,10 +341,17 @@ def _slots(rng: random.Random) -> dict[str, str]:
     product = _pick(rng, PRODUCTS)
     other = _pick(rng, [p for p in PRODUCTS if p != product])
     return {
-        "name": _pick(rng, NAMES), "product": product, "other": other, "part": _pick(rng, PARTS),
-        "plan": _pick(rng, PLANS), "date": _pick(rng, DATES), "occasion": _pick(rng, OCCASIONS),
-        "order": f"#{rng.randrange(10_000, 1_000_000)}", "customer": f"C-{rng.randrange(1000, 100_000)}",
-        "amount": f"${rng.randrange(5, 900)}.{rng.randrange(100):02d}", "days": str(rng.randrange(3, 30)),
+        "name": _pick(rng, NAMES),
+        "product": product,
+        "other": other,
+        "part": _pick(rng, PARTS),
+        "plan": _pick(rng, PLANS),
+        "date": _pick(rng, DATES),
+        "occasion": _pick(rng, OCCASIONS),
+        "order": f"#{rng.randrange(10_000, 1_000_000)}",
+        "customer": f"C-{rng.randrange(1000, 100_000)}",
+        "amount": f"${rng.randrange(5, 900)}.{rng.randrange(100):02d}",
+        "days": str(rng.randrange(3, 30)),
         "years": str(rng.randrange(2, 15)),
     }
 
@@ -300,8 +360,13 @@ def make_case(rng: random.Random) -> Case:
     """Draw one frustrated customer message: opener + issue + complaint + demand + sign-off."""
     slots = _slots(rng)
     issue = _pick(rng, tuple(ISSUES))
-    parts = [_pick(rng, OPENERS), _pick(rng, ISSUES[issue]), _pick(rng, COMPLAINTS), _pick(rng, DEMANDS),
-             _pick(rng, SIGNOFFS)]
+    parts = [
+        _pick(rng, OPENERS),
+        _pick(rng, ISSUES[issue]),
+        _pick(rng, COMPLAINTS),
+        _pick(rng, DEMANDS),
+        _pick(rng, SIGNOFFS),
+    ]
     prompt = " ".join(p for p in parts if p).format(**slots)
     # The reply may only use the name when the customer signed.
     named = dict(slots, name=slots["name"] if slots["name"] in prompt else "")
@@ -366,8 +431,7 @@ def preference_rows(cases: Sequence[Case], rng: random.Random, flip_fraction: fl
     return rows
 
 
-def ranking_rows(cases: Sequence[Case], rng: random.Random, flip_fraction: float,
-                 k: int = 4) -> list[dict[str, Any]]:
+def ranking_rows(cases: Sequence[Case], rng: random.Random, flip_fraction: float, k: int = 4) -> list[dict[str, Any]]:
     """One ranking of `k` replies of distinct styles per case, best → worst; a share with one adjacent swap."""
     rows = [{"prompt": c.prompt, "responses": _scored_candidates(c, rng.sample(STYLES, k), rng)} for c in cases]
     for i in sorted(_flip_indices(rng, len(rows), flip_fraction)):
@@ -382,8 +446,10 @@ def chat_demonstration(case: Case, rng: random.Random) -> dict[str, list[Message
     where the assistant first asks what happened."""
     prompt = [{"role": "system", "content": SYSTEM_PROMPT}]
     if rng.random() < 0.5:
-        prompt += [{"role": "user", "content": "Hi, I need help with an order."},
-                   {"role": "assistant", "content": "Of course, I'm here to help. What happened?"}]
+        prompt += [
+            {"role": "user", "content": "Hi, I need help with an order."},
+            {"role": "assistant", "content": "Of course, I'm here to help. What happened?"},
+        ]
     prompt.append({"role": "user", "content": case.prompt})
     return {"prompt": prompt, "response": [{"role": "assistant", "content": reply(case, "empathetic", rng)}]}
 
@@ -414,10 +480,11 @@ def generate(seed: int = 0, scale: int = 1, flip_fraction: float = 0.1) -> dict[
     cases = unique_cases(rng, sum(sizes.values()))
     chunks, start = {}, 0
     for name, n in sizes.items():
-        chunks[name], start = cases[start:start + n], start + n
+        chunks[name], start = cases[start : start + n], start + n
     return {
-        "demonstrations": [{"prompt": c.prompt, "response": reply(c, "empathetic", rng)}
-                           for c in chunks["demonstrations"]],
+        "demonstrations": [
+            {"prompt": c.prompt, "response": reply(c, "empathetic", rng)} for c in chunks["demonstrations"]
+        ],
         "demonstrations_chat": [chat_demonstration(c, rng) for c in chunks["demonstrations_chat"]],
         "preferences": preference_rows(chunks["preferences"], rng, flip_fraction),
         "rankings": ranking_rows(chunks["rankings"], rng, flip_fraction),
@@ -429,8 +496,11 @@ def generate(seed: int = 0, scale: int = 1, flip_fraction: float = 0.1) -> dict[
 def support_corpus(seed: int = 0, num_cases: int = 400) -> list[str]:
     """Text for training a tiny tokenizer: `num_cases` prompts, each followed by one reply in every style."""
     rng = random.Random(seed)
-    return [text for case in unique_cases(rng, num_cases)
-            for text in (case.prompt, *(reply(case, style, rng) for style in STYLES))]
+    return [
+        text
+        for case in unique_cases(rng, num_cases)
+        for text in (case.prompt, *(reply(case, style, rng) for style in STYLES))
+    ]
 
 
 def tokenizer_corpus() -> list[str]:
@@ -479,8 +549,13 @@ def write_dataset(out: str | Path, seed: int = 0, scale: int = 1, flip_fraction:
         files[f"{name}.jsonl"] = {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
         if name in ("preferences", "rankings"):
             files[f"{name}.jsonl"]["flipped"] = round(flip_fraction * len(rows))
-    manifest = {"generator": "rlhf_core.support_bot", "seed": seed, "scale": scale,
-                "flip_fraction": flip_fraction, "files": files}
+    manifest = {
+        "generator": "rlhf_core.support_bot",
+        "seed": seed,
+        "scale": scale,
+        "flip_fraction": flip_fraction,
+        "files": files,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "README.md").write_text(_readme(manifest), encoding="utf-8")
     return manifest

@@ -16,7 +16,23 @@ from schemas.rows import content_digest, ranking_to_pairs, train_eval_split
 from schemas.rules import DataLimits
 
 __all__ = [
-    "COLUMNS", "FORMATS", "KINDS", "DataLimits", "DataValidationError", "Failure", "LoadedData", "ValidationReport",
-    "canonical_json", "content_digest", "detect_format", "load_rows", "parse_hh_transcript", "ranking_to_pairs",
-    "read_source", "schema_for", "split_shared_prefix", "train_eval_split", "validate_rows",
+    "COLUMNS",
+    "FORMATS",
+    "KINDS",
+    "DataLimits",
+    "DataValidationError",
+    "Failure",
+    "LoadedData",
+    "ValidationReport",
+    "canonical_json",
+    "content_digest",
+    "detect_format",
+    "load_rows",
+    "parse_hh_transcript",
+    "ranking_to_pairs",
+    "read_source",
+    "schema_for",
+    "split_shared_prefix",
+    "train_eval_split",
+    "validate_rows",
 ]

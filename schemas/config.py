@@ -16,13 +16,10 @@ which is the repository root for the CLI and the Prefect deployments. `configs/r
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import inspect
 import json
 import os
-import textwrap
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,9 +136,11 @@ class EvaluationSettings(_Strict):
     @model_validator(mode="after")
     def _gold_judge_is_a_function_name(self) -> EvaluationSettings:
         if self.gold_judge is not None and ":" not in self.gold_judge:
-            raise ValueError(f"gold_judge must be 'module:function' (e.g. rlhf_core.support_bot:gold_score), got "
-                             f"{self.gold_judge!r}")
+            raise ValueError(
+                f"gold_judge must be 'module:function' (e.g. rlhf_core.support_bot:gold_score), got {self.gold_judge!r}"
+            )
         return self
+
     batch_size: int = Field(default=8, gt=0)
     """Prompts per generation / scoring batch."""
     max_prompt_len: int | Literal["auto"] | None = "auto"
@@ -202,8 +201,11 @@ class PrefectSettings(_Strict):
     def for_stage(self, stage: str) -> dict[str, Any]:
         """`timeout_seconds`, `retries`, `retry_delay_seconds` for `stage`, per-stage values first."""
         own = self.stages.get(stage)  # type: ignore[call-overload]
-        out = {"timeout_seconds": self.timeout_seconds, "retries": self.retries,
-               "retry_delay_seconds": self.retry_delay_seconds}
+        out = {
+            "timeout_seconds": self.timeout_seconds,
+            "retries": self.retries,
+            "retry_delay_seconds": self.retry_delay_seconds,
+        }
         if own is not None:
             out.update({k: v for k, v in own.model_dump().items() if v is not None})
         return out
@@ -351,8 +353,10 @@ class PipelineConfig(_Strict):
         if section is None or isinstance(section, dict):
             section = dict(section or {})
             if section.get("algorithm", data["algorithm"]) != data["algorithm"]:
-                raise ValueError(f"grpo.algorithm is {section['algorithm']!r} but algorithm is "
-                                 f"{data['algorithm']!r}: set only the top-level algorithm")
+                raise ValueError(
+                    f"grpo.algorithm is {section['algorithm']!r} but algorithm is "
+                    f"{data['algorithm']!r}: set only the top-level algorithm"
+                )
             data = {**data, "grpo": {**section, "algorithm": data["algorithm"]}}
         return data
 
@@ -383,8 +387,12 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _absent_collect_gets_pipeline_defaults(self) -> PipelineConfig:
         if "collect" not in self.model_fields_set:  # the defaults a written `collect: {}` would get
-            collect = replace(self.collect, seed=self.seed, max_prompt_len="auto",
-                              sampling=replace(self.collect.sampling, max_new_tokens="auto"))
+            collect = replace(
+                self.collect,
+                seed=self.seed,
+                max_prompt_len="auto",
+                sampling=replace(self.collect.sampling, max_new_tokens="auto"),
+            )
             object.__setattr__(self, "collect", collect)  # a frozen model: set once, during validation
         return self
 
@@ -396,14 +404,23 @@ class PipelineConfig(_Strict):
         others = [s for s in POLICY_STAGES if s != self.algorithm and s in (self.stages or [])]
         if others:
             raise ValueError(f"stage {others[0]!r} listed but algorithm is {self.algorithm!r}")
-        needs = {"sft": "demonstrations", "collect": "prompts_train", "reward_model": "preferences",
-                 "dpo": "preferences", "ppo": "prompts_train", "grpo": "prompts_train", "rloo": "prompts_train",
-                 "evaluate": "prompts_eval"}
+        needs = {
+            "sft": "demonstrations",
+            "collect": "prompts_train",
+            "reward_model": "preferences",
+            "dpo": "preferences",
+            "ppo": "prompts_train",
+            "grpo": "prompts_train",
+            "rloo": "prompts_train",
+            "evaluate": "prompts_eval",
+        }
         if "collect" in self.active_stages():
             needs.pop("reward_model")  # it trains on the collected rankings
             if self.collect.labeler == "judge" and self.collect.judge is None:
-                raise ValueError("collect.judge: the collect stage's judge labeler needs a judge: 'reward_model', "
-                                 "'module:function', or 'gold' (the bundled task's rlhf_core.support_bot:gold_score)")
+                raise ValueError(
+                    "collect.judge: the collect stage's judge labeler needs a judge: 'reward_model', "
+                    "'module:function', or 'gold' (the bundled task's rlhf_core.support_bot:gold_score)"
+                )
         for stage in self.active_stages():
             if stage in needs and getattr(self.datasets, needs[stage]) is None:
                 raise ValueError(f"stage {stage!r} needs datasets.{needs[stage]}")
@@ -501,8 +518,9 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> PipelineConfig
         errors = []
         for err in exc.errors():
             path = ".".join(str(p) for p in err["loc"])
-            message = "unexpected key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") \
-                else err["msg"]
+            message = (
+                "unexpected key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") else err["msg"]
+            )
             errors.append((path, message))
         raise ConfigError(source, errors) from None
 
@@ -514,8 +532,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [("", f"not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
-                                           f"{exc.start}): is it the YAML config?")]) from None
+        raise ConfigError(
+            str(path),
+            [
+                (
+                    "",
+                    f"not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
+                    f"{exc.start}): is it the YAML config?",
+                )
+            ],
+        ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -537,70 +563,3 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def dump_config(config: PipelineConfig) -> str:
     """The validated config (defaults filled in) as YAML — what the parent run logs as `pipeline_config.yaml`."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The reference config, rendered from the docstrings (so it never drifts from the code)
-# --------------------------------------------------------------------------------------------------------------
-
-REFERENCE_EXAMPLE: dict[str, Any] = {
-    "name": "reference",
-    "datasets": {
-        "demonstrations": {"path": "data/support_bot/demonstrations.jsonl"},
-        "preferences": {"path": "data/support_bot/preferences.jsonl"},
-        "prompts_train": {"path": "data/support_bot/prompts_train.jsonl"},
-        "prompts_eval": {"path": "data/support_bot/prompts_eval.jsonl"},
-    },
-}
-
-
-def dataclass_field_docs(cls: type) -> dict[str, str]:
-    """`{field: docstring}` of a dataclass and its dataclass bases (the string literal after each field)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not is_dataclass(klass):
-            continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text[: -len("...")].strip() if text.endswith("...") else text
-
-
-def _render(obj: Any, indent: int, out: list[str]) -> None:
-    if isinstance(obj, BaseModel):
-        items = [(name, getattr(obj, name), field.description or "") for name, field in type(obj).model_fields.items()]
-    else:
-        docs = dataclass_field_docs(type(obj))
-        items = [(f.name, getattr(obj, f.name), docs.get(f.name, "")) for f in fields(obj)]
-    pad = " " * indent
-    for name, value, doc in items:
-        out.extend(f"{pad}# {line}".rstrip() for line in (doc or name).splitlines())
-        if isinstance(value, BaseModel) or (is_dataclass(value) and not isinstance(value, type)):
-            out.append(f"{pad}{name}:")
-            _render(value, indent + 2, out)
-        else:
-            out.append(f"{pad}{name}: {_scalar(value)}")
-
-
-def render_reference_config() -> str:
-    """`configs/reference.yaml`: every key with its default and its docstring as a comment."""
-    out = [
-        "# Reference pipeline config: every key, its default value and what it means.",
-        "# Generated from the docstrings of schemas/config.py and the rlhf_core config dataclasses:",
-        "#   python -m flows.config --reference > configs/reference.yaml",
-        "# `lora: null` means full fine-tuning; for adapters write e.g. `lora: {r: 8, alpha: 16}`",
-        "# (fields: r, alpha, dropout, target_modules — see rlhf_core.trainers.common.LoRAConfig).",
-        "",
-    ]
-    _render(parse_config(REFERENCE_EXAMPLE, "reference"), 0, out)
-    return "\n".join(out) + "\n"
-

@@ -111,17 +111,32 @@ class ValidationReport:
         return "\n".join([self.summary() + ":", *(f"  {f}" for f in self.failures)])
 
     def to_markdown(self) -> str:
-        lines = [f"**{_cell(self.summary())}**", "",
-                 "| row | line | column | rule | problem | value |", "| --- | --- | --- | --- | --- | --- |"]
+        lines = [
+            f"**{_cell(self.summary())}**",
+            "",
+            "| row | line | column | rule | problem | value |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for f in self.failures:
-            cells = ["" if f.row is None else str(f.row), "" if f.line is None else str(f.line), _cell(f.column or ""),
-                     _cell(f.rule), _cell(f.message), _cell(code_span(f.value)) if f.value else ""]
+            cells = [
+                "" if f.row is None else str(f.row),
+                "" if f.line is None else str(f.line),
+                _cell(f.column or ""),
+                _cell(f.rule),
+                _cell(f.message),
+                _cell(code_span(f.value)) if f.value else "",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "format": self.format, "num_rows": self.num_rows,
-                "failures": [asdict(f) for f in self.failures]}
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "format": self.format,
+            "num_rows": self.num_rows,
+            "failures": [asdict(f) for f in self.failures],
+        }
 
 
 class DataValidationError(Exception):
@@ -147,8 +162,9 @@ class DataValidationError(Exception):
         return path
 
 
-def source_error(source: str, kind: str, rule: str, message: str, *, line: int | None = None,
-                 value: Any = None) -> DataValidationError:
+def source_error(
+    source: str, kind: str, rule: str, message: str, *, line: int | None = None, value: Any = None
+) -> DataValidationError:
     """An error about the source as a whole (unreadable, empty, unsupported) as a one-failure report."""
     shown = "" if value is None else truncate_value(value)
     failure = Failure(source=source, row=None, line=line, column=None, rule=rule, message=message, value=shown)

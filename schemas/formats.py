@@ -54,8 +54,9 @@ def _require(row: Mapping[str, Any], column: str, kind: type) -> Any:
     if value is None:
         raise RowProblem(column, "required", "missing value")
     if not isinstance(value, kind):
-        raise RowProblem(column, "type", f"expected {'a string' if kind is str else 'a list'}, "
-                                         f"got {type(value).__name__}")
+        raise RowProblem(
+            column, "type", f"expected {'a string' if kind is str else 'a list'}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -70,14 +71,18 @@ def parse_hh_transcript(text: str, column: str = "chosen") -> list[dict[str, str
     # Some copies drop the blank line before the very first turn.
     parts = _HH_TURN.split("\n\n" + text if text.startswith("Human:") else text)
     if parts[0].strip() or len(parts) < 3:
-        raise RowProblem(column, "hh_rlhf_transcript",
-                         'not an HH-RLHF transcript: expected "\\n\\nHuman: …\\n\\nAssistant: …" turns')
-    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2],
-                                                                                            strict=True)]
+        raise RowProblem(
+            column, "hh_rlhf_transcript", 'not an HH-RLHF transcript: expected "\\n\\nHuman: …\\n\\nAssistant: …" turns'
+        )
+    return [
+        {"role": _HH_ROLES[role], "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
 
 
-def split_shared_prefix(chosen: list[dict[str, Any]], rejected: list[dict[str, Any]],
-                        rule: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def split_shared_prefix(
+    chosen: list[dict[str, Any]], rejected: list[dict[str, Any]], rule: str
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Two whole conversations → (shared prompt, final chosen reply, final rejected reply).
 
     Both must end with an assistant turn and agree on every turn before it; the prompt is those turns."""
@@ -86,10 +91,16 @@ def split_shared_prefix(chosen: list[dict[str, Any]], rejected: list[dict[str, A
             raise RowProblem(column, rule, "the conversation must end with an assistant reply")
     prompt, prompt_rejected = chosen[:-1], rejected[:-1]
     if prompt != prompt_rejected:
-        turn = next((i for i, (a, b) in enumerate(zip(prompt, prompt_rejected, strict=False)) if a != b),
-                    min(len(prompt), len(prompt_rejected)))
-        raise RowProblem("chosen, rejected", rule, f"chosen and rejected do not share a prompt: they differ at "
-                                                   f"turn {turn}, before their final assistant replies")
+        turn = next(
+            (i for i, (a, b) in enumerate(zip(prompt, prompt_rejected, strict=False)) if a != b),
+            min(len(prompt), len(prompt_rejected)),
+        )
+        raise RowProblem(
+            "chosen, rejected",
+            rule,
+            f"chosen and rejected do not share a prompt: they differ at "
+            f"turn {turn}, before their final assistant replies",
+        )
     if not prompt:
         raise RowProblem("chosen, rejected", rule, "no prompt: the conversations hold only the assistant reply")
     return prompt, chosen[-1], rejected[-1]

@@ -41,9 +41,16 @@ class LoadedData:
         return len(self.rows)
 
 
-def load_rows(source: str | Path, kind: str, *, format: str | None = None, split: str | None = None,
-              limits: DataLimits | None = None, allow_extra_columns: bool = False,
-              conversational: bool | None = None) -> LoadedData:
+def load_rows(
+    source: str | Path,
+    kind: str,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    limits: DataLimits | None = None,
+    allow_extra_columns: bool = False,
+    conversational: bool | None = None,
+) -> LoadedData:
     """Read, convert and validate `source` as `kind` rows; raises `DataValidationError` listing every failure.
 
     `format`: a hint from `FORMATS` (None: detected from the columns); `split`: the split of a hub dataset or
@@ -71,12 +78,30 @@ def load_rows(source: str | Path, kind: str, *, format: str | None = None, split
             numbers.append(number)
         except RowProblem as problem:
             value = raw.get(problem.column, raw) if problem.column in raw else raw
-            failures.append(Failure(label, number, lines.get(number), problem.column, problem.rule,
-                                    f"{problem.message} ({fmt} format)", truncate_value(value)))
-    failures += validate_rows(rows, kind, source=label, row_numbers=numbers, lines=lines, limits=limits,
-                              allow_extra_columns=allow_extra_columns, conversational=conversational)
+            failures.append(
+                Failure(
+                    label,
+                    number,
+                    lines.get(number),
+                    problem.column,
+                    problem.rule,
+                    f"{problem.message} ({fmt} format)",
+                    truncate_value(value),
+                )
+            )
+    failures += validate_rows(
+        rows,
+        kind,
+        source=label,
+        row_numbers=numbers,
+        lines=lines,
+        limits=limits,
+        allow_extra_columns=allow_extra_columns,
+        conversational=conversational,
+    )
     if failures:
-        report = ValidationReport(label, kind, tuple(sort_failures(failures, COLUMNS[kind])), num_rows=len(records.rows),
-                                  format=fmt)
+        report = ValidationReport(
+            label, kind, tuple(sort_failures(failures, COLUMNS[kind])), num_rows=len(records.rows), format=fmt
+        )
         raise DataValidationError(report)
     return LoadedData(rows=rows, kind=kind, source=label, format=fmt, digest=content_digest(rows))

@@ -33,8 +33,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "ranking": ("prompt", "responses"),
     "prompt": ("prompt",),
 }
-ROW_RULE_COLUMNS = {"chosen_differs_from_rejected": "chosen, rejected", "same_format": "chosen, rejected",
-                    "no_duplicate_rows": "*"}
+ROW_RULE_COLUMNS = {
+    "chosen_differs_from_rejected": "chosen, rejected",
+    "same_format": "chosen, rejected",
+    "no_duplicate_rows": "*",
+}
 
 
 def canonical_json(value: Any) -> str:
@@ -94,34 +97,56 @@ def _present(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not (isinstance(v, float) and v != v)}
 
 
-def schema_for(kind: str, *, conversational: bool | None = None, limits: DataLimits | None = None,
-               allow_extra_columns: bool = False) -> pa.DataFrameSchema:
+def schema_for(
+    kind: str,
+    *,
+    conversational: bool | None = None,
+    limits: DataLimits | None = None,
+    allow_extra_columns: bool = False,
+) -> pa.DataFrameSchema:
     """The pandera schema of `kind` rows (one row per DataFrame row, cells holding strings or message lists)."""
     limits = limits or DataLimits()
     columns = {
-        name: pa.Column(None, nullable=False, required=True,
-                        checks=[_value_check(rule_name, rule) for rule_name, rule in rules.items()])
+        name: pa.Column(
+            None,
+            nullable=False,
+            required=True,
+            checks=[_value_check(rule_name, rule) for rule_name, rule in rules.items()],
+        )
         for name, rules in column_rules(kind, limits, conversational).items()
     }
     checks = [pa.Check(_not_duplicated, name="no_duplicate_rows")]
     if kind == "preference":
-        checks = [pa.Check(_distinct_pair, name="chosen_differs_from_rejected"),
-                  pa.Check(_same_format, name="same_format"), *checks]
+        checks = [
+            pa.Check(_distinct_pair, name="chosen_differs_from_rejected"),
+            pa.Check(_same_format, name="same_format"),
+            *checks,
+        ]
     return pa.DataFrameSchema(columns, checks=checks, strict=not allow_extra_columns, name=f"{kind}_rows")
 
 
 def rows_frame(rows: Sequence[Mapping[str, Any]], row_numbers: Sequence[int]) -> pd.DataFrame:
     """Rows as an object-dtype DataFrame indexed by their row numbers (lists stay lists, no string inference)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return pd.DataFrame([[row.get(c, float("nan")) for c in columns] for row in rows],
-                        index=pd.Index(list(row_numbers), dtype="int64"), columns=columns, dtype=object)
+    return pd.DataFrame(
+        [[row.get(c, float("nan")) for c in columns] for row in rows],
+        index=pd.Index(list(row_numbers), dtype="int64"),
+        columns=columns,
+        dtype=object,
+    )
 
 
 class _Explainer:
     """Turns pandera's failure table back into precise `Failure`s (value and reason from our own rules)."""
 
-    def __init__(self, frame: pd.DataFrame, kind: str, source: str, lines: Mapping[int, int],
-                 rules: dict[str, dict[str, ValueRule]]) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        kind: str,
+        source: str,
+        lines: Mapping[int, int],
+        rules: dict[str, dict[str, ValueRule]],
+    ) -> None:
         self.frame, self.kind, self.source, self.lines, self.rules = frame, kind, source, lines, rules
 
     def failure(self, row: int | None, column: str | None, rule: str, message: str, value: Any = None) -> Failure:
@@ -154,8 +179,14 @@ class _Explainer:
             if missing:
                 return []
             column = ROW_RULE_COLUMNS[check]
-        return [self.failure(None, None if column is None else str(column), check,
-                             f"failed for the source as a whole: {failure_case}")]
+        return [
+            self.failure(
+                None,
+                None if column is None else str(column),
+                check,
+                f"failed for the source as a whole: {failure_case}",
+            )
+        ]
 
     @cached_property
     def row_keys(self) -> pd.Series:
@@ -172,25 +203,40 @@ class _Explainer:
         allowed = ", ".join(COLUMNS[self.kind])
         message = f"unknown column (a {self.kind} row has: {allowed}; allow_extra_columns=True keeps it)"
         present = self.frame[column].map(lambda v: not (isinstance(v, float) and v != v))
-        return [self.failure(int(row), column, "unknown_column", message, self.frame.at[row, column])
-                for row in self.frame.index[present.to_numpy(dtype=bool)]]
+        return [
+            self.failure(int(row), column, "unknown_column", message, self.frame.at[row, column])
+            for row in self.frame.index[present.to_numpy(dtype=bool)]
+        ]
 
     def row_failure(self, check: str, row: int) -> Failure:
         column = ROW_RULE_COLUMNS[check]
         if check == "chosen_differs_from_rejected":
-            return self.failure(row, column, check, "chosen and rejected are the same response",
-                                self.frame.at[row, "chosen"])
+            return self.failure(
+                row, column, check, "chosen and rejected are the same response", self.frame.at[row, "chosen"]
+            )
         if check == "same_format":
-            return self.failure(row, column, check, "chosen and rejected must both be strings or both messages",
-                                {"chosen": self.frame.at[row, "chosen"], "rejected": self.frame.at[row, "rejected"]})
+            return self.failure(
+                row,
+                column,
+                check,
+                "chosen and rejected must both be strings or both messages",
+                {"chosen": self.frame.at[row, "chosen"], "rejected": self.frame.at[row, "rejected"]},
+            )
         first = self.first_occurrence[self.row_keys[row]]
         return self.failure(row, column, check, f"exact duplicate of row {first}", _present(self.frame.loc[row]))
 
 
-def validate_rows(rows: Sequence[Mapping[str, Any]], kind: str, *, source: str = "<rows>",
-                  row_numbers: Sequence[int] | None = None, lines: Mapping[int, int] | None = None,
-                  limits: DataLimits | None = None, allow_extra_columns: bool = False,
-                  conversational: bool | None = None) -> list[Failure]:
+def validate_rows(
+    rows: Sequence[Mapping[str, Any]],
+    kind: str,
+    *,
+    source: str = "<rows>",
+    row_numbers: Sequence[int] | None = None,
+    lines: Mapping[int, int] | None = None,
+    limits: DataLimits | None = None,
+    allow_extra_columns: bool = False,
+    conversational: bool | None = None,
+) -> list[Failure]:
     """Validate canonical `rows` of `kind` with pandera (lazy: every failure at once), most basic rule first.
 
     `row_numbers[i]` is the source row of `rows[i]` (default 1..n) and `lines` maps a row to its file line, so
@@ -221,6 +267,7 @@ def validate_rows(rows: Sequence[Mapping[str, Any]], kind: str, *, source: str =
 
 def sort_failures(failures: Sequence[Failure], columns: Sequence[str] = ()) -> list[Failure]:
     """Whole-source failures first, then by row; within a row the kind's columns in order, then the rest."""
+
     def key(f: Failure) -> tuple[int, int]:
         position = columns.index(f.column) if f.column in columns else len(columns)
         return (-1 if f.row is None else f.row, position)

@@ -42,8 +42,9 @@ class Records:
     reader: str
 
 
-def read_source(source: str | Path, kind: str, split: str | None = None, *,
-                max_line_bytes: int | None = None) -> Records:
+def read_source(
+    source: str | Path, kind: str, split: str | None = None, *, max_line_bytes: int | None = None
+) -> Records:
     """Read every record of `source` (see module docstring); raises `DataValidationError`. JSON lines longer
     than `max_line_bytes` (default `MAX_LINE_BYTES`) are refused unread."""
     label = str(source)
@@ -68,8 +69,13 @@ def _read_file(path: Path, label: str, kind: str, max_line_bytes: int) -> Record
     if not path.is_file():
         raise source_error(label, kind, "file", "no such file")
     if suffix not in FILE_SUFFIXES:
-        raise source_error(label, kind, "file", f"unsupported file extension {suffix or '(none)'!r} "
-                                                f"(supported: {', '.join(FILE_SUFFIXES)}, or a dataset directory)")
+        raise source_error(
+            label,
+            kind,
+            "file",
+            f"unsupported file extension {suffix or '(none)'!r} "
+            f"(supported: {', '.join(FILE_SUFFIXES)}, or a dataset directory)",
+        )
     if suffix == ".parquet":
         return _read_parquet(path, label, kind)
     if suffix in LINE_SUFFIXES:
@@ -89,9 +95,14 @@ def _decode(data: bytes, label: str, kind: str) -> str:
         return data.decode("utf-8-sig")  # a BOM some editors write is not part of the data
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise source_error(label, kind, "encoding",
-                           f"not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}); "
-                           "save the file as UTF-8", line=line) from None
+        raise source_error(
+            label,
+            kind,
+            "encoding",
+            f"not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}); "
+            "save the file as UTF-8",
+            line=line,
+        ) from None
 
 
 def _lines(handle: BinaryIO, label: str, kind: str, max_line_bytes: int) -> Iterator[tuple[int, str | None]]:
@@ -114,10 +125,14 @@ def _lines(handle: BinaryIO, label: str, kind: str, max_line_bytes: int) -> Iter
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             bom = 3 if number == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
-            raise source_error(label, kind, "encoding",
-                               f"not valid UTF-8: byte 0x{raw[bom + exc.start]:02x} at byte offset "
-                               f"{offset + bom + exc.start} (line {number}); save the file as UTF-8",
-                               line=number) from None
+            raise source_error(
+                label,
+                kind,
+                "encoding",
+                f"not valid UTF-8: byte 0x{raw[bom + exc.start]:02x} at byte offset "
+                f"{offset + bom + exc.start} (line {number}); save the file as UTF-8",
+                line=number,
+            ) from None
         offset += len(raw)
         yield number, text.removesuffix("\n").removesuffix("\r")
 
@@ -133,20 +148,45 @@ def _read_jsonl(handle: BinaryIO, label: str, kind: str, max_line_bytes: int) ->
         blank = False
         row = len(rows) + len(failures) + 1
         if line is None:
-            failures.append(Failure(label, row, number, None, "line_size",
-                                    f"line longer than {max_line_bytes:,} bytes, the cap of one JSON line "
-                                    "(read_source's max_line_bytes): not read"))
+            failures.append(
+                Failure(
+                    label,
+                    row,
+                    number,
+                    None,
+                    "line_size",
+                    f"line longer than {max_line_bytes:,} bytes, the cap of one JSON line "
+                    "(read_source's max_line_bytes): not read",
+                )
+            )
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            failures.append(Failure(label, row, number, None, "json",
-                                    f"invalid JSON at column {exc.colno}: {exc.msg}", truncate_value(line)))
+            failures.append(
+                Failure(
+                    label,
+                    row,
+                    number,
+                    None,
+                    "json",
+                    f"invalid JSON at column {exc.colno}: {exc.msg}",
+                    truncate_value(line),
+                )
+            )
             continue
         if not isinstance(value, dict):
-            failures.append(Failure(label, row, number, None, "json",
-                                    f"expected a JSON object per line, got {type(value).__name__}",
-                                    truncate_value(value)))
+            failures.append(
+                Failure(
+                    label,
+                    row,
+                    number,
+                    None,
+                    "json",
+                    f"expected a JSON object per line, got {type(value).__name__}",
+                    truncate_value(value),
+                )
+            )
             continue
         rows.append(value)
         lines.append(number)
@@ -163,13 +203,13 @@ def _read_json(data: bytes, text: str, label: str, kind: str, max_line_bytes: in
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines saved as .json (what `Dataset.to_json` writes)
             return _read_jsonl(io.BytesIO(data), label, kind, max_line_bytes)
-        raise source_error(label, kind, "json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                           line=exc.lineno) from None
+        raise source_error(
+            label, kind, "json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", line=exc.lineno
+        ) from None
     if isinstance(value, dict):  # a single object is a one-line JSON lines file
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise source_error(label, kind, "json", "expected an array of JSON objects (or JSON lines)",
-                           value=value)
+        raise source_error(label, kind, "json", "expected an array of JSON objects (or JSON lines)", value=value)
     return Records(value, [None] * len(value), label, "json")
 
 
@@ -194,9 +234,17 @@ def _read_csv(text: str, label: str, kind: str) -> Records:
         for record in reader:
             row = len(rows) + 1
             if "\x00extra" in record:
-                failures.append(Failure(label, row, start, None, "csv",
-                                        "more fields than the header has columns",
-                                        truncate_value(record.pop("\x00extra"))))
+                failures.append(
+                    Failure(
+                        label,
+                        row,
+                        start,
+                        None,
+                        "csv",
+                        "more fields than the header has columns",
+                        truncate_value(record.pop("\x00extra")),
+                    )
+                )
             rows.append({k: _maybe_json_list(v) for k, v in record.items() if v is not None})
             lines.append(start)
             start = reader.line_num + 1
@@ -251,6 +299,7 @@ def _read_hub(name: str, kind: str, split: str | None) -> Records:
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - any loader failure is reported as bad data, with its message
-        raise source_error(name, kind, "load_dataset", f"datasets.load_dataset failed: {type(exc).__name__}: {exc}") \
-            from None
+        raise source_error(
+            name, kind, "load_dataset", f"datasets.load_dataset failed: {type(exc).__name__}: {exc}"
+        ) from None
     return Records(_without_nulls(dataset.to_list()), [None] * len(dataset), name, "datasets")

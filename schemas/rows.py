@@ -28,8 +28,9 @@ def _prompt_rank(prompt: Any, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{canonical_json(prompt)}".encode()).hexdigest()
 
 
-def train_eval_split(rows: Sequence[Mapping[str, Any]], eval_fraction: float,
-                     seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def train_eval_split(
+    rows: Sequence[Mapping[str, Any]], eval_fraction: float, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split rows by prompt: every distinct prompt goes wholly to train or to eval, never both.
 
     The distinct prompts are ordered by sha256(seed, prompt) and the first n_eval = round(eval_fraction · P) of
@@ -61,6 +62,9 @@ def ranking_to_pairs(rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> l
     pairs: list[dict[str, Any]] = []
     for row in rows:
         responses = list(row["responses"])
-        pairs += [{"prompt": row["prompt"], "chosen": responses[i], "rejected": responses[j]}
-                  for i in range(len(responses)) for j in range(i + 1, len(responses))]
+        pairs += [
+            {"prompt": row["prompt"], "chosen": responses[i], "rejected": responses[j]}
+            for i in range(len(responses))
+            for j in range(i + 1, len(responses))
+        ]
     return pairs

@@ -43,7 +43,8 @@ ValueRule = Callable[[Any], Reason]
 def is_message_list(value: Any) -> bool:
     """A list whose items all are `{"role": str, "content": str, ...}` dicts (the shape, not the roles)."""
     return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
 
 
 def content_chars(value: Any) -> int:
@@ -140,14 +141,24 @@ def _first_failure(value: Any, rules: list[ValueRule]) -> Reason:
 
 def response_rules(limits: DataLimits, conversational: bool | None) -> dict[str, ValueRule]:
     """The rules of one response value (response, chosen, rejected, an item of a ranking), by rule name."""
-    return {"type": type_rule(conversational), "message_format": message_format, "not_blank": not_blank,
-            "roles": response_roles, "max_length": max_chars(limits.max_response_chars)}
+    return {
+        "type": type_rule(conversational),
+        "message_format": message_format,
+        "not_blank": not_blank,
+        "roles": response_roles,
+        "max_length": max_chars(limits.max_response_chars),
+    }
 
 
 def prompt_rules(limits: DataLimits, conversational: bool | None) -> dict[str, ValueRule]:
-    return {"type": type_rule(conversational), "message_format": message_format, "not_blank": not_blank,
-            "roles": prompt_roles, "max_messages": max_messages(limits.max_messages),
-            "max_length": max_chars(limits.max_prompt_chars)}
+    return {
+        "type": type_rule(conversational),
+        "message_format": message_format,
+        "not_blank": not_blank,
+        "roles": prompt_roles,
+        "max_messages": max_messages(limits.max_messages),
+        "max_length": max_chars(limits.max_prompt_chars),
+    }
 
 
 def ranking_rules(limits: DataLimits, conversational: bool | None) -> dict[str, ValueRule]:
@@ -181,5 +192,9 @@ def ranking_rules(limits: DataLimits, conversational: bool | None) -> dict[str, 
             seen[key] = i
         return None
 
-    return {"type": ranking_type, "ranking_size": ranking_size, "ranked_response": ranked_items,
-            "distinct_responses": distinct}
+    return {
+        "type": ranking_type,
+        "ranking_size": ranking_size,
+        "ranked_response": ranked_items,
+        "distinct_responses": distinct,
+    }

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns(".venv*", ".git", "runs", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
-                                "models", "mlruns", "mlartifacts")
+IGNORE = shutil.ignore_patterns(
+    ".venv*", ".git", "runs", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "models", "mlruns", "mlartifacts"
+)
 
 
 @dataclass(frozen=True)
@@ -37,59 +38,127 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation("dpo: chosen and rejected swapped", "rlhf_core/trainers/dpo.py",
-             '            chosen,\n            rejected,\n            batch["ref_chosen_logps"],\n'
-             '            batch["ref_rejected_logps"],',
-             '            rejected,\n            chosen,\n            batch["ref_rejected_logps"],\n'
-             '            batch["ref_chosen_logps"],',
-             ("tests/test_learning_direction.py::test_dpo_on_the_bundled_pairs_raises_the_gold_score",)),
-    Mutation("reward model: preference direction swapped", "rlhf_core/trainers/reward.py",
-             'chosen, rejected = scores[batch["chosen_index"]], scores[batch["rejected_index"]]',
-             'chosen, rejected = scores[batch["rejected_index"]], scores[batch["chosen_index"]]',
-             ("tests/test_reward_trainer.py",)),
-    Mutation("ppo: advantage sign flipped", "rlhf_core/trainers/ppo.py",
-             "ppo_policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mask, config.clip_eps)",
-             "ppo_policy_loss(out.logprobs, mb.old_logprobs, -mb.advantages, mask, config.clip_eps)",
-             ("tests/test_learning_direction.py::test_ppo_with_the_gold_judge_as_reward_raises_the_gold_score",)),
-    Mutation("kl penalty: sign flipped", "rlhf_core/losses.py",
-             "    rewards = -kl_coef * kl", "    rewards = kl_coef * kl", ("tests/test_losses.py",)),
-    Mutation("value targets: A - V instead of A + V", "rlhf_core/losses.py",
-             "returns = torch.where(valid, advantages + values, zero)",
-             "returns = torch.where(valid, advantages - values, zero)", ("tests/test_losses.py",)),
-    Mutation("no-EOS penalty: never applied", "rlhf_core/experience.py",
-             "scores = torch.where(ended_with_eos.bool(), scores, torch.full_like(scores, config.missing_eos_score))",
-             "scores = scores", ("tests/test_experience.py",)),
-    Mutation("collection: worst response ranked first", "rlhf_core/collection.py",
-             "order = [first_of_score[score] for score in sorted(first_of_score, reverse=True)]",
-             "order = [first_of_score[score] for score in sorted(first_of_score)]", ("tests/test_collection.py",)),
-    Mutation("evaluation: win rate the wrong way round", "rlhf_core/evaluation.py",
-             "wins = sum(1.0 if a > b else 0.5 if a == b else 0.0",
-             "wins = sum(1.0 if a < b else 0.5 if a == b else 0.0", ("tests/test_evaluation.py",)),
-    Mutation("promotion: @champion moves to a worse candidate", "flows/pipeline.py",
-             "champion_value is None or value > champion_value", "champion_value is None or value < champion_value",
-             ("tests/test_promotion.py",)),
-    Mutation("lora: requested but not applied", "rlhf_core/trainers/setup.py",
-             "    return get_peft_model(model, peft_config)", "    return model", ("tests/test_sft_trainer.py",)),
-    Mutation("rloo: leave-one-out baseline subtracted the wrong way", "rlhf_core/group_advantages.py",
-             "    return scores - others_mean", "    return others_mean - scores", ("tests/test_group_advantages.py",)),
-    Mutation("grpo: group-normalised advantages inverted", "rlhf_core/group_advantages.py",
-             "    centred = scores - scores.mean(dim=-1, keepdim=True)",
-             "    centred = scores.mean(dim=-1, keepdim=True) - scores", ("tests/test_group_advantages.py",)),
-    Mutation("cache key: library sources ignored", "tasks/tracking.py",
-             'SOURCE_PACKAGES = ("rlhf_core", "schemas", "tasks")', "SOURCE_PACKAGES = ()",
-             ("tests/test_caching.py",)),
-    Mutation("lengths: a limit that cuts the data passes", "rlhf_core/lengths.py",
-             "    if cut > 1.0 - policy.coverage + 1e-12:", "    if cut < 0:", ("tests/test_lengths.py",)),
-    Mutation("reward-model guard: an RM at chance accepted", "rlhf_core/guards.py",
-             "    if accuracy < min_accuracy:", "    if accuracy < 0:",
-             ("tests/test_ppo_trainer.py::test_refuses_a_reward_model_at_chance",)),
-    Mutation("launch: left out of the cache key", "tasks/launch.py",
-             'return config if key is None else {**asdict(config), "launch": key}', "return config",
-             ("tests/test_launch_settings.py",)),
-    Mutation("launch: each rank seeds its own data order", "rlhf_core/launch_worker.py",
-             "config = config_from_dict(config_cls, spec.config)",
-             'config = config_from_dict(config_cls, {**spec.config, "seed": spec.config["seed"] + rank()})',
-             ("tests/test_launch.py::test_two_accelerate_processes_follow_the_one_process_curves",)),
+    Mutation(
+        "dpo: chosen and rejected swapped",
+        "rlhf_core/trainers/dpo.py",
+        '            chosen,\n            rejected,\n            batch["ref_chosen_logps"],\n'
+        '            batch["ref_rejected_logps"],',
+        '            rejected,\n            chosen,\n            batch["ref_rejected_logps"],\n'
+        '            batch["ref_chosen_logps"],',
+        ("tests/test_learning_direction.py::test_dpo_on_the_bundled_pairs_raises_the_gold_score",),
+    ),
+    Mutation(
+        "reward model: preference direction swapped",
+        "rlhf_core/trainers/reward.py",
+        'chosen, rejected = scores[batch["chosen_index"]], scores[batch["rejected_index"]]',
+        'chosen, rejected = scores[batch["rejected_index"]], scores[batch["chosen_index"]]',
+        ("tests/test_reward_trainer.py",),
+    ),
+    Mutation(
+        "ppo: advantage sign flipped",
+        "rlhf_core/trainers/ppo.py",
+        "ppo_policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mask, config.clip_eps)",
+        "ppo_policy_loss(out.logprobs, mb.old_logprobs, -mb.advantages, mask, config.clip_eps)",
+        ("tests/test_learning_direction.py::test_ppo_with_the_gold_judge_as_reward_raises_the_gold_score",),
+    ),
+    Mutation(
+        "kl penalty: sign flipped",
+        "rlhf_core/losses.py",
+        "    rewards = -kl_coef * kl",
+        "    rewards = kl_coef * kl",
+        ("tests/test_losses.py",),
+    ),
+    Mutation(
+        "value targets: A - V instead of A + V",
+        "rlhf_core/losses.py",
+        "returns = torch.where(valid, advantages + values, zero)",
+        "returns = torch.where(valid, advantages - values, zero)",
+        ("tests/test_losses.py",),
+    ),
+    Mutation(
+        "no-EOS penalty: never applied",
+        "rlhf_core/experience.py",
+        "scores = torch.where(ended_with_eos.bool(), scores, torch.full_like(scores, config.missing_eos_score))",
+        "scores = scores",
+        ("tests/test_experience.py",),
+    ),
+    Mutation(
+        "collection: worst response ranked first",
+        "rlhf_core/collection.py",
+        "order = [first_of_score[score] for score in sorted(first_of_score, reverse=True)]",
+        "order = [first_of_score[score] for score in sorted(first_of_score)]",
+        ("tests/test_collection.py",),
+    ),
+    Mutation(
+        "evaluation: win rate the wrong way round",
+        "rlhf_core/evaluation.py",
+        "wins = sum(1.0 if a > b else 0.5 if a == b else 0.0",
+        "wins = sum(1.0 if a < b else 0.5 if a == b else 0.0",
+        ("tests/test_evaluation.py",),
+    ),
+    Mutation(
+        "promotion: @champion moves to a worse candidate",
+        "flows/pipeline.py",
+        "champion_value is None or value > champion_value",
+        "champion_value is None or value < champion_value",
+        ("tests/test_promotion.py",),
+    ),
+    Mutation(
+        "lora: requested but not applied",
+        "rlhf_core/trainers/setup.py",
+        "    return get_peft_model(model, peft_config)",
+        "    return model",
+        ("tests/test_sft_trainer.py",),
+    ),
+    Mutation(
+        "rloo: leave-one-out baseline subtracted the wrong way",
+        "rlhf_core/group_advantages.py",
+        "    return scores - others_mean",
+        "    return others_mean - scores",
+        ("tests/test_group_advantages.py",),
+    ),
+    Mutation(
+        "grpo: group-normalised advantages inverted",
+        "rlhf_core/group_advantages.py",
+        "    centred = scores - scores.mean(dim=-1, keepdim=True)",
+        "    centred = scores.mean(dim=-1, keepdim=True) - scores",
+        ("tests/test_group_advantages.py",),
+    ),
+    Mutation(
+        "cache key: library sources ignored",
+        "tasks/tracking.py",
+        'SOURCE_PACKAGES = ("rlhf_core", "schemas", "tasks")',
+        "SOURCE_PACKAGES = ()",
+        ("tests/test_caching.py",),
+    ),
+    Mutation(
+        "lengths: a limit that cuts the data passes",
+        "rlhf_core/lengths.py",
+        "    if cut > 1.0 - policy.coverage + 1e-12:",
+        "    if cut < 0:",
+        ("tests/test_lengths.py",),
+    ),
+    Mutation(
+        "reward-model guard: an RM at chance accepted",
+        "rlhf_core/guards.py",
+        "    if accuracy < min_accuracy:",
+        "    if accuracy < 0:",
+        ("tests/test_ppo_trainer.py::test_refuses_a_reward_model_at_chance",),
+    ),
+    Mutation(
+        "launch: left out of the cache key",
+        "tasks/launch.py",
+        'return config if key is None else {**asdict(config), "launch": key}',
+        "return config",
+        ("tests/test_launch_settings.py",),
+    ),
+    Mutation(
+        "launch: each rank seeds its own data order",
+        "rlhf_core/launch_worker.py",
+        "config = config_from_dict(config_cls, spec.config)",
+        'config = config_from_dict(config_cls, {**spec.config, "seed": spec.config["seed"] + rank()})',
+        ("tests/test_launch.py::test_two_accelerate_processes_follow_the_one_process_curves",),
+    ),
 )
 
 
@@ -124,8 +193,11 @@ def main() -> int:
     for mutation in chosen:
         status, seconds = run(mutation, args.timeout)
         survived += status != "caught" and not status.startswith("caught")
-        print(f"| {mutation.name} | `{mutation.path}` | {', '.join(f'`{t}`' for t in mutation.tests)} | {status} | "
-              f"{seconds:.0f} |", flush=True)
+        print(
+            f"| {mutation.name} | `{mutation.path}` | {', '.join(f'`{t}`' for t in mutation.tests)} | {status} | "
+            f"{seconds:.0f} |",
+            flush=True,
+        )
     return 1 if survived else 0
 
 

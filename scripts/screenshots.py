@@ -31,10 +31,20 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 60
 # What a person would pick under Columns to compare pipelines: the policy's evaluation, then the key settings.
-MLFLOW_COLUMNS = ["metrics.`eval/win_rate_gold`", "metrics.`eval/gold_score`", "metrics.`eval/win_rate_rm`",
-                  "metrics.`eval/kl_to_ref`", "params.`algorithm`", "params.`dpo.dpo_beta`", "params.`ppo.kl_coef`"]
-COLUMN_WIDTHS = {"attributes.`Run Name`": 250, **dict.fromkeys(MLFLOW_COLUMNS[:4], 135),
-                 **dict.fromkeys(MLFLOW_COLUMNS[4:], 95)}
+MLFLOW_COLUMNS = [
+    "metrics.`eval/win_rate_gold`",
+    "metrics.`eval/gold_score`",
+    "metrics.`eval/win_rate_rm`",
+    "metrics.`eval/kl_to_ref`",
+    "params.`algorithm`",
+    "params.`dpo.dpo_beta`",
+    "params.`ppo.kl_coef`",
+]
+COLUMN_WIDTHS = {
+    "attributes.`Run Name`": 250,
+    **dict.fromkeys(MLFLOW_COLUMNS[:4], 135),
+    **dict.fromkeys(MLFLOW_COLUMNS[4:], 95),
+}
 
 
 def chromium(window: str):
@@ -43,8 +53,15 @@ def chromium(window: str):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # with both paths given, selenium-manager never downloads anything
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-                 "--force-device-scale-factor=1", f"--window-size={window}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--window-size={window}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT_S)
@@ -71,16 +88,26 @@ def mlflow_runs(driver, mlflow_url: str, experiment: str, out: Path) -> None:
     if found is None:
         raise SystemExit(f"no experiment {experiment!r} on {mlflow_url}: run the quickstart first")
     driver.get(f"{mlflow_url}/health")  # same origin: the storage written next is the UI's
-    state = {"searchFilter": "tags.`rlhf.kind` = 'pipeline'", "selectedColumns": MLFLOW_COLUMNS,
-             "columnOrder": ["attributes.`Run Name`", *MLFLOW_COLUMNS], "columnWidths": COLUMN_WIDTHS}
+    state = {
+        "searchFilter": "tags.`rlhf.kind` = 'pipeline'",
+        "selectedColumns": MLFLOW_COLUMNS,
+        "columnOrder": ["attributes.`Run Name`", *MLFLOW_COLUMNS],
+        "columnWidths": COLUMN_WIDTHS,
+    }
     driver.execute_script(
         "localStorage.setItem(arguments[0], arguments[1]);"
         "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
         "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');",
-        f'MLflowLocalStorage-1.1-ExperimentPage-["{found.experiment_id}"]-ReactComponentState', json.dumps(state))
+        f'MLflowLocalStorage-1.1-ExperimentPage-["{found.experiment_id}"]-ReactComponentState',
+        json.dumps(state),
+    )
     driver.get(f"{mlflow_url}/#/experiments/{found.experiment_id}/runs")
-    wait_for(driver, "return [...document.querySelectorAll('[col-id=\"metrics.`eval/win_rate_gold`\"]')]"
-                     ".some(c => /\\d/.test(c.innerText))", "the runs table with win rates")
+    wait_for(
+        driver,
+        "return [...document.querySelectorAll('[col-id=\"metrics.`eval/win_rate_gold`\"]')]"
+        ".some(c => /\\d/.test(c.innerText))",
+        "the runs table with win rates",
+    )
     driver.find_element(By.CSS_SELECTOR, "[aria-label='Toggle sidebar']").click()  # room for the columns
     time.sleep(2)  # let the last cells and fonts settle
     driver.save_screenshot(str(out))
@@ -96,8 +123,11 @@ def latest_flow_run(prefect_api: str, auth: str) -> str:
     deadline = time.monotonic() + 1800
     with get_client(sync_client=True) as client:
         while True:
-            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rlhf-pipeline"])),
-                                         sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["rlhf-pipeline"])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=1,
+            )
             if not runs:
                 raise SystemExit(f"no rlhf-pipeline flow run on {prefect_api}: run scripts/serve_local.sh first")
             if runs[0].state is not None and runs[0].state.is_final():
@@ -118,14 +148,23 @@ def prefect_flow_run(driver, prefect_url: str, auth: str, flow_run_id: str, out:
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait_for(driver, "return !location.pathname.startsWith('/login')", "the Prefect login")
     driver.get(f"{prefect_url}/runs/flow-run/{flow_run_id}")
-    wait_for(driver, "return document.querySelector('canvas') && document.body.innerText.includes('evaluate')",
-             "the flow run graph")
+    wait_for(
+        driver,
+        "return document.querySelector('canvas') && document.body.innerText.includes('evaluate')",
+        "the flow run graph",
+    )
     # Below the graph, the task runs with their state by name (Completed, or Cached for a reused stage).
-    tab = wait_for(driver, "return [...document.querySelectorAll('.p-tab, [role=tab]')]"
-                           ".find(e => e.innerText.trim() === 'Task Runs')", "the Task Runs tab")
+    tab = wait_for(
+        driver,
+        "return [...document.querySelectorAll('.p-tab, [role=tab]')].find(e => e.innerText.trim() === 'Task Runs')",
+        "the Task Runs tab",
+    )
     tab.click()
-    wait_for(driver, "return (document.body.innerText.match(/\\b(Cached|Completed)\\b/g) || []).length > 3",
-             "the task runs' states")
+    wait_for(
+        driver,
+        "return (document.body.innerText.match(/\\b(Cached|Completed)\\b/g) || []).length > 3",
+        "the task runs' states",
+    )
     time.sleep(4)  # the graph animates its layout
     driver.save_screenshot(str(out))
 

@@ -23,4 +23,5 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .
+ruff format --check .   # formatting is ruff's (pyproject.toml [tool.ruff]): `ruff format .` fixes it
 python -m pytest -q "$@"

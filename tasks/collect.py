@@ -42,9 +42,9 @@ from rlhf_core.collection import (
     rankings_from_answers,
     read_answers,
     read_task_file,
-    resolve_judge,
     split_by_item,
 )
+from rlhf_core.judges import resolve_judge
 from schemas import content_digest, load_rows
 from schemas.errors import code_block
 from tasks import caching, tracking
@@ -83,8 +83,13 @@ def ensure_task_file(directory: Path, settings: CollectConfig, policy: StagePoin
     task_file = directory / TASK_FILE
     with caching.file_lock(directory / ".lock"):
         if not task_file.is_file():
-            create_task_file(policy.model_dir, read_rows(prompts), settings, task_file,
-                             model_name=policy.model_uri or policy.model_dir)
+            create_task_file(
+                policy.model_dir,
+                read_rows(prompts),
+                settings,
+                task_file,
+                model_name=policy.model_uri or policy.model_dir,
+            )
     return task_file
 
 
@@ -110,8 +115,11 @@ def _attach_instructions(message: str) -> None:
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
-        create_markdown_artifact(markdown=code_block(message), key="labels-pending",
-                                 description="Preference collection waits for human rankings")
+        create_markdown_artifact(
+            markdown=code_block(message),
+            key="labels-pending",
+            description="Preference collection waits for human rankings",
+        )
 
 
 def _judge_digest(settings: CollectConfig) -> str:
@@ -126,8 +134,10 @@ def _judge_digest(settings: CollectConfig) -> str:
 def _store(env: StageEnv, settings: CollectConfig, collected: Collected, source: str) -> dict[str, DataRef]:
     """Split by prompt, store content-addressed, and validate each part with the ranking schema."""
     if not collected.rows:
-        raise ValueError(f"collect: no ranking rows (counts: {collected.counts}); every item was skipped, "
-                         "marked all bad, or had fewer than 2 distinct responses")
+        raise ValueError(
+            f"collect: no ranking rows (counts: {collected.counts}); every item was skipped, "
+            "marked all bad, or had fewer than 2 distinct responses"
+        )
     parts = split_by_item(collected, settings.eval_fraction, settings.seed)
     refs = {}
     for name, rows in zip(OUTPUTS, parts, strict=True):
@@ -139,8 +149,9 @@ def _store(env: StageEnv, settings: CollectConfig, collected: Collected, source:
 
 
 @stage_task("collect")
-def collect_task(env: StageEnv, validated: StagePointer, policy: StagePointer,
-                 settings: CollectConfig | None = None) -> StagePointer:
+def collect_task(
+    env: StageEnv, validated: StagePointer, policy: StagePointer, settings: CollectConfig | None = None
+) -> StagePointer:
     """Collect rankings of `policy`'s responses to the validated `prompts_train` (settings: `settings`, else
     the pipeline config's `collect` section). Returns a pointer whose `datasets` hold `preference_train` (and
     `preference_eval`) ranking data for the reward model; raises `LabelsPending` in step 1 of a human run."""
@@ -148,8 +159,9 @@ def collect_task(env: StageEnv, validated: StagePointer, policy: StagePointer,
     if settings is None:
         raise ValueError("collect: no settings given and the pipeline config has no `collect` section")
     prompts = validated.datasets[PROMPTS]
-    settings = resolve_stage_lengths(settings, env.config.lengths, STAGE, measured(validated, (PROMPTS,), "prompt"),
-                                     sampling_lengths(validated))
+    settings = resolve_stage_lengths(
+        settings, env.config.lengths, STAGE, measured(validated, (PROMPTS,), "prompt"), sampling_lengths(validated)
+    )
     directory = collection_dir(env, settings, policy, prompts)
     task_file, answers_dir = directory / TASK_FILE, default_answers_dir(directory / TASK_FILE)
     # What the result depends on beyond the settings, prompts, policy and code enters the key as extra params.
@@ -172,24 +184,37 @@ def collect_task(env: StageEnv, validated: StagePointer, policy: StagePointer,
             collected, labels_dir = human, answers_dir
         else:
             ensure_task_file(directory, settings, policy, prompts)
-            judge = JudgeLabeler(resolve_judge(settings.judge, settings.reward_model_path), settings.noise,
-                                 settings.seed)
+            judge = JudgeLabeler(
+                resolve_judge(settings.judge, settings.reward_model_path), settings.noise, settings.seed
+            )
             # The judge's answers stay with this run: the shared directory is for people's answers only.
             labels_dir = run.output_dir / "answers"
             collected = label_with_judge(read_task_file(task_file), judge, labels_dir)
         refs = _store(env, settings, collected, str(task_file))
         for name, ref in refs.items():
-            tracking.log_dataset(run.client, run.run_id, name, read_rows(ref), ref.source, ref.digest,
-                                 context="collected")
+            tracking.log_dataset(
+                run.client, run.run_id, name, read_rows(ref), ref.source, ref.digest, context="collected"
+            )
         run.client.log_artifact(run.run_id, str(task_file), "collection")
         if labels_dir.is_dir():
             run.client.log_artifacts(run.run_id, str(labels_dir), "collection/answers")
         run.logger.log_metrics(collected.counts, step=0)
-        return StageOutcome(metrics=collected.counts, datasets=refs,
-                            extra={"task_file": str(task_file), "answers_dir": str(answers_dir)})
+        return StageOutcome(
+            metrics=collected.counts,
+            datasets=refs,
+            extra={"task_file": str(task_file), "answers_dir": str(answers_dir)},
+        )
 
     extra_tags: dict[str, Any] = {"rlhf.collect.labeler": settings.labeler, "rlhf.collect.task_file": str(task_file)}
     if settings.labeler == "judge":
         extra_tags["rlhf.collect.judge"] = settings.judge
-    return run_stage(env, STAGE, stage_config=stage_config, data={PROMPTS: prompts}, upstream={"policy": policy},
-                     lineage={"validate": validated}, extra_tags=extra_tags, execute=execute)
+    return run_stage(
+        env,
+        STAGE,
+        stage_config=stage_config,
+        data={PROMPTS: prompts},
+        upstream={"policy": policy},
+        lineage={"validate": validated},
+        extra_tags=extra_tags,
+        execute=execute,
+    )

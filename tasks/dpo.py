@@ -26,16 +26,33 @@ def preference_pairs(ref: DataRef) -> list[dict]:
 def dpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer) -> StagePointer:
     """Train the DPO policy from the SFT model; returns the policy pointer."""
     data = {name: validated.datasets[name] for name in DATA if name in validated.datasets}
-    config = resolve_stage_lengths(env.config.dpo, env.config.lengths, "dpo", measured(validated, DATA, "prompt"),
-                                   measured(validated, DATA, "response"))
+    config = resolve_stage_lengths(
+        env.config.dpo,
+        env.config.lengths,
+        "dpo",
+        measured(validated, DATA, "prompt"),
+        measured(validated, DATA, "response"),
+    )
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = preference_pairs(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_launched(env, "dpo", train_dpo, config, sft.model_dir,
-                                preference_pairs(data["preference_train"]), eval_rows, run)
-        return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
-                            resumed_from_step=result.resumed_from_step, curves=CURVES)
+        result = train_launched(
+            env, "dpo", train_dpo, config, sft.model_dir, preference_pairs(data["preference_train"]), eval_rows, run
+        )
+        return StageOutcome(
+            model_dir=result.model_dir,
+            metrics=result.metrics,
+            resumed_from_step=result.resumed_from_step,
+            curves=CURVES,
+        )
 
     key_config = stage_key_config(config, env.config.launch.for_stage("dpo"))
-    return run_stage(env, "dpo", stage_config=key_config, data=data, upstream={"sft": sft},
-                     lineage={"validate": validated, "reference": sft}, execute=execute)
+    return run_stage(
+        env,
+        "dpo",
+        stage_config=key_config,
+        data=data,
+        upstream={"sft": sft},
+        lineage={"validate": validated, "reference": sft},
+        execute=execute,
+    )

@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from rlhf_core.collection import import_callable
 from rlhf_core.evaluation import evaluate_models
+from rlhf_core.judges import import_callable
 from rlhf_core.lengths import resolve_length
 from tasks import tracking
 from tasks.caching import module_source_digest
@@ -31,15 +31,24 @@ def _gold_fn(spec: str | None) -> Any:
     return import_callable(spec) if spec else None
 
 
-def _model_runs(env: StageEnv, run: StageRun, models: Mapping[str, StagePointer],
-                metrics: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+def _model_runs(
+    env: StageEnv, run: StageRun, models: Mapping[str, StagePointer], metrics: Mapping[str, Mapping[str, float]]
+) -> dict[str, str]:
     """One nested run per evaluated model with identical metric names; returns `{model: run_id}`."""
     out = {}
     for name, pointer in models.items():
-        child = run.client.create_run(env.experiment_id, run_name=f"eval-{name}", tags={
-            "rlhf.kind": "eval_model", "rlhf.eval.model": name, "mlflow.parentRunId": run.run_id,
-            "rlhf.pipeline": env.config.name,
-            "rlhf.upstream.model.run_id": pointer.run_id or "", "rlhf.upstream.model.model_uri": pointer.model_uri or ""})
+        child = run.client.create_run(
+            env.experiment_id,
+            run_name=f"eval-{name}",
+            tags={
+                "rlhf.kind": "eval_model",
+                "rlhf.eval.model": name,
+                "mlflow.parentRunId": run.run_id,
+                "rlhf.pipeline": env.config.name,
+                "rlhf.upstream.model.run_id": pointer.run_id or "",
+                "rlhf.upstream.model.model_uri": pointer.model_uri or "",
+            },
+        )
         run_id = child.info.run_id
         tracking.MLflowLogger(run.client, run_id).log_metrics(dict(metrics.get(name, {})), step=0)
         tracking.end_run(run.client, run_id)
@@ -48,8 +57,13 @@ def _model_runs(env: StageEnv, run: StageRun, models: Mapping[str, StagePointer]
 
 
 @stage_task("evaluate")
-def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, StagePointer],
-                  reference: StagePointer, reward_model: StagePointer | None = None) -> StagePointer:
+def evaluate_task(
+    env: StageEnv,
+    validated: StagePointer,
+    models: dict[str, StagePointer],
+    reference: StagePointer,
+    reward_model: StagePointer | None = None,
+) -> StagePointer:
     """Evaluate `models` (`{"sft": ..., "policy": ..., "base": ...}`) on `prompts_eval`; KL against `reference`.
 
     Returns a pointer whose `metrics` are the policy's (else the last model's) `eval/*` values and whose
@@ -57,39 +71,68 @@ def evaluate_task(env: StageEnv, validated: StagePointer, models: dict[str, Stag
     """
     policy = env.config.lengths
     cfg = env.config.evaluation
-    cfg = cfg.model_copy(update={
-        "sampling": resolve_stage_lengths(cfg.sampling, policy, "evaluation.sampling", None,
-                                          sampling_lengths(validated)),
-        "max_prompt_len": resolve_length("max_prompt_len", cfg.max_prompt_len,
-                                         measured(validated, ("prompts_eval",), "prompt"), policy, False,
-                                         "evaluation.")})
+    cfg = cfg.model_copy(
+        update={
+            "sampling": resolve_stage_lengths(
+                cfg.sampling, policy, "evaluation.sampling", None, sampling_lengths(validated)
+            ),
+            "max_prompt_len": resolve_length(
+                "max_prompt_len",
+                cfg.max_prompt_len,
+                measured(validated, ("prompts_eval",), "prompt"),
+                policy,
+                False,
+                "evaluation.",
+            ),
+        }
+    )
     data = {"prompts_eval": validated.datasets["prompts_eval"]}
     rm = reward_model if cfg.reward_model else None
 
     def execute(run: StageRun) -> StageOutcome:
         prompts = read_rows(data["prompts_eval"])[: cfg.num_prompts]
         report = evaluate_models(
-            {name: p.model_dir for name, p in models.items()}, prompts, cfg.sampling,
+            {name: p.model_dir for name, p in models.items()},
+            prompts,
+            cfg.sampling,
             reward_model_path=rm.model_dir if rm is not None else None,
-            reference_model_path=reference.model_dir, gold_fn=_gold_fn(cfg.gold_judge),
-            baseline=cfg.baseline if cfg.baseline in models else None, seed=env.config.seed,
-            batch_size=cfg.batch_size, max_prompt_len=cfg.max_prompt_len)
+            reference_model_path=reference.model_dir,
+            gold_fn=_gold_fn(cfg.gold_judge),
+            baseline=cfg.baseline if cfg.baseline in models else None,
+            seed=env.config.seed,
+            batch_size=cfg.batch_size,
+            max_prompt_len=cfg.max_prompt_len,
+        )
         per_model = {name: dict(values) for name, values in report.metrics.items()}
         model_runs = _model_runs(env, run, models, per_model)
         headline = per_model.get("policy") or per_model[list(models)[-1]]
         run.logger.log_metrics(headline, step=0)
-        table = pd.DataFrame([{k: v if isinstance(v, (str, int, float)) or v is None else tracking.to_json(v)
-                               for k, v in row.items()} for row in report.samples])
+        table = pd.DataFrame(
+            [
+                {k: v if isinstance(v, (str, int, float)) or v is None else tracking.to_json(v) for k, v in row.items()}
+                for row in report.samples
+            ]
+        )
         run.client.log_table(run.run_id, data=table, artifact_file=SAMPLES_TABLE)
-        return StageOutcome(metrics=headline, extra={"model_runs": model_runs, "per_model": per_model,
-                                                     "baseline": report.baseline})
+        return StageOutcome(
+            metrics=headline, extra={"model_runs": model_runs, "per_model": per_model, "baseline": report.baseline}
+        )
 
     upstream: dict[str, StagePointer] = dict(models)
     if rm is not None:
         upstream["reward_model"] = rm
     upstream["reference"] = reference
     # The judge's source enters the key: editing the judge re-scores.
-    stage_config = {**cfg.model_dump(mode="json"),
-                    "gold_judge_digest": module_source_digest(cfg.gold_judge) if cfg.gold_judge else None}
-    return run_stage(env, "evaluate", stage_config=stage_config, data=data, upstream=upstream,
-                     lineage={"validate": validated}, execute=execute)
+    stage_config = {
+        **cfg.model_dump(mode="json"),
+        "gold_judge_digest": module_source_digest(cfg.gold_judge) if cfg.gold_judge else None,
+    }
+    return run_stage(
+        env,
+        "evaluate",
+        stage_config=stage_config,
+        data=data,
+        upstream=upstream,
+        lineage={"validate": validated},
+        execute=execute,
+    )

@@ -15,12 +15,22 @@ CURVE_WORDS = ("reward", "score", "kl", "clip_fraction", "response_length", "no_
 
 
 @stage_task("grpo")
-def grpo_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
-              reward_model: StagePointer | None = None) -> StagePointer:
+def grpo_task(
+    env: StageEnv, validated: StagePointer, sft: StagePointer, reward_model: StagePointer | None = None
+) -> StagePointer:
     """Train the GRPO/RLOO policy (init and reference: SFT; reward: the RM and/or `grpo.reward_functions`);
     returns the policy pointer. The stage is `grpo` or `rloo`, after the pipeline's `algorithm`."""
     stage = env.config.algorithm
     if stage not in ("grpo", "rloo"):
         raise ValueError(f"grpo task run with algorithm {stage!r}")
-    return run_policy_stage(env, stage, "grpo", replace(env.config.grpo, algorithm=stage), train_grpo, CURVE_WORDS,
-                            validated, sft, reward_model)
+    return run_policy_stage(
+        env,
+        stage,
+        "grpo",
+        replace(env.config.grpo, algorithm=stage),
+        train_grpo,
+        CURVE_WORDS,
+        validated,
+        sft,
+        reward_model,
+    )

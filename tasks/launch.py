@@ -70,12 +70,16 @@ def launch_key(settings: StageLaunchSettings) -> dict[str, Any] | None:
     config_digest = None
     if settings.config_file is not None:
         if not Path(settings.config_file).is_file():
-            raise LaunchError(f"launch.config_file {settings.config_file}: no such file (relative paths are relative "
-                              f"to {Path.cwd()})")
+            raise LaunchError(
+                f"launch.config_file {settings.config_file}: no such file (relative paths are relative to {Path.cwd()})"
+            )
         config_digest = "sha256:" + hashlib.sha256(Path(settings.config_file).read_bytes()).hexdigest()
-    return {"backend": settings.backend, "processes": settings.processes,
-            "gpus_per_process": settings.gpus_per_process if settings.backend == "ray" else None,
-            "config_file_digest": config_digest}
+    return {
+        "backend": settings.backend,
+        "processes": settings.processes,
+        "gpus_per_process": settings.gpus_per_process if settings.backend == "ray" else None,
+        "config_file_digest": config_digest,
+    }
 
 
 def stage_key_config(config: TrainerConfig, settings: StageLaunchSettings) -> TrainerConfig | dict[str, Any]:
@@ -85,9 +89,16 @@ def stage_key_config(config: TrainerConfig, settings: StageLaunchSettings) -> Tr
     return config if key is None else {**asdict(config), "launch": key}
 
 
-def train_launched(env: StageEnv, stage: str, train: Callable[..., TrainResult], config: TrainerConfig,
-                   model_path: str | Path, train_rows: Sequence[dict], eval_rows: Sequence[dict],
-                   run: StageRun) -> TrainResult:
+def train_launched(
+    env: StageEnv,
+    stage: str,
+    train: Callable[..., TrainResult],
+    config: TrainerConfig,
+    model_path: str | Path,
+    train_rows: Sequence[dict],
+    eval_rows: Sequence[dict],
+    run: StageRun,
+) -> TrainResult:
     """Train `stage` as `env.config.launch` says, logging to `run.logger`; returns the trainer's result.
 
     `train` is the stage's trainer as the task imported it, called here when the stage runs in process; the
@@ -99,10 +110,15 @@ def train_launched(env: StageEnv, stage: str, train: Callable[..., TrainResult],
     # A killed earlier try left its metrics, pids and errors: they belong to that try, not this one.
     shutil.rmtree(launch_dir, ignore_errors=True)
     launch_dir.mkdir(parents=True)
-    spec = LaunchSpec(trainer=stage, config=asdict(config), model_path=str(model_path),
-                      train_rows=str(_write_jsonl(launch_dir / "train.jsonl", train_rows)),
-                      eval_rows=str(_write_jsonl(launch_dir / "eval.jsonl", eval_rows)),
-                      output_dir=str(run.output_dir), launch_dir=str(launch_dir))
+    spec = LaunchSpec(
+        trainer=stage,
+        config=asdict(config),
+        model_path=str(model_path),
+        train_rows=str(_write_jsonl(launch_dir / "train.jsonl", train_rows)),
+        eval_rows=str(_write_jsonl(launch_dir / "eval.jsonl", eval_rows)),
+        output_dir=str(run.output_dir),
+        launch_dir=str(launch_dir),
+    )
     command = launcher_command(settings, spec.write())
     _supervise(stage, settings, command, launch_dir, run)
     return _read_result(stage, settings, launch_dir)
@@ -112,8 +128,18 @@ def launcher_command(settings: StageLaunchSettings, spec_path: Path) -> list[str
     """The launcher's argv: `accelerate launch … -m rlhf_core.launch_worker SPEC`, or the Ray driver."""
     processes = str(settings.processes or 1)
     if settings.backend == "ray":
-        return [sys.executable, "-m", "tasks.ray_driver", str(spec_path), "--processes", processes,
-                "--address", settings.ray_address or "auto", "--gpus-per-process", str(settings.gpus_per_process or 0)]
+        return [
+            sys.executable,
+            "-m",
+            "tasks.ray_driver",
+            str(spec_path),
+            "--processes",
+            processes,
+            "--address",
+            settings.ray_address or "auto",
+            "--gpus-per-process",
+            str(settings.gpus_per_process or 0),
+        ]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", processes]
     if settings.config_file is not None:
         command += ["--config_file", str(Path(settings.config_file).resolve())]
@@ -121,8 +147,17 @@ def launcher_command(settings: StageLaunchSettings, spec_path: Path) -> list[str
         # `--multi_gpu` is accelerate's torchrun launcher (without it, N CPU processes would be one process); on
         # a machine without GPUs the trainers' Accelerator(cpu=True) joins the ranks with gloo. One machine; a
         # free port, so two launched stages (or pipelines) never collide.
-        command += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(_free_port()),
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += [
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     return [*command, "-m", "rlhf_core.launch_worker", str(spec_path)]
 
 
@@ -140,13 +175,19 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def _supervise(stage: str, settings: StageLaunchSettings, command: list[str], launch_dir: Path,
-               run: StageRun) -> None:
+def _supervise(stage: str, settings: StageLaunchSettings, command: list[str], launch_dir: Path, run: StageRun) -> None:
     """Run the launcher to its end, forwarding metrics and output; stop its process group if we stop."""
     log_path = launch_dir / LOG_FILE
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=launch_env(), cwd=Path.cwd(), start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=launch_env(),
+            cwd=Path.cwd(),
+            start_new_session=True,
+        )
     metrics, output = _Tail(launch_dir / METRICS_FILE), _Tail(log_path)
     try:
         while True:
@@ -165,8 +206,9 @@ def _supervise(stage: str, settings: StageLaunchSettings, command: list[str], la
         raise LaunchError(failure_message(stage, settings, launch_dir, proc.returncode, output.tail))
 
 
-def failure_message(stage: str, settings: StageLaunchSettings, launch_dir: Path, returncode: int,
-                    tail: Sequence[str]) -> str:
+def failure_message(
+    stage: str, settings: StageLaunchSettings, launch_dir: Path, returncode: int, tail: Sequence[str]
+) -> str:
     """`stage sft failed on 2 processes (accelerate, exit code 1): rank 1 was killed by SIGKILL` (or `rank 1
     raised ValueError: …` and the end of its traceback), then the end of the launcher's log.
 
@@ -182,8 +224,11 @@ def failure_message(stage: str, settings: StageLaunchSettings, launch_dir: Path,
         lines = errors[rank].read_text().rstrip().splitlines()
         return f"{head}: rank {rank} raised {lines[-1]}\n" + "\n".join(lines[-TAIL_LINES:]) + "\n" + log_tail
     if rank is not None and code is not None:
-        how = f"was killed by {signal.Signals(-code).name}" if -code in set(signal.Signals) \
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if -code in set(signal.Signals)
             else f"exited with code {code}"
+        )
         head += f": rank {rank} {how}"
     return f"{head}\n{log_tail}"
 
@@ -207,10 +252,13 @@ def _read_result(stage: str, settings: StageLaunchSettings, launch_dir: Path) ->
     except (OSError, ValueError) as exc:
         raise LaunchError(f"stage {stage}: the launch ended without rank 0's result ({exc})") from None
     if data["world_size"] != settings.processes:  # e.g. a launcher that started N separate single processes
-        raise LaunchError(f"stage {stage}: asked for {settings.processes} processes, but rank 0 trained in a process "
-                          f"group of {data['world_size']}; check the launcher (log: {launch_dir / LOG_FILE})")
-    return TrainResult(model_dir=Path(data["model_dir"]), metrics=data["metrics"],
-                       resumed_from_step=data["resumed_from_step"])
+        raise LaunchError(
+            f"stage {stage}: asked for {settings.processes} processes, but rank 0 trained in a process "
+            f"group of {data['world_size']}; check the launcher (log: {launch_dir / LOG_FILE})"
+        )
+    return TrainResult(
+        model_dir=Path(data["model_dir"]), metrics=data["metrics"], resumed_from_step=data["resumed_from_step"]
+    )
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -25,8 +25,7 @@ PREFERENCES = ("preference_train", "preference_eval")
 def measured(validated: StagePointer, names: Sequence[str], field: str) -> LengthStats | None:
     """The merged `field` ("prompt" or "response") lengths of the validated datasets `names` (None: none)."""
     table = validated.extra.get(LENGTHS_KEY, {})
-    return merge_stats(*(LengthStats.from_json(table[n][field]) for n in names
-                         if n in table and field in table[n]))
+    return merge_stats(*(LengthStats.from_json(table[n][field]) for n in names if n in table and field in table[n]))
 
 
 def sampling_lengths(validated: StagePointer) -> LengthStats | None:
@@ -34,7 +33,8 @@ def sampling_lengths(validated: StagePointer) -> LengthStats | None:
     return measured(validated, DEMONSTRATIONS, "response") or measured(validated, PREFERENCES, "response")
 
 
-def resolve_stage_lengths(config: Any, policy: LengthPolicy, stage: str, prompt: LengthStats | None,
-                          response: LengthStats | None) -> Any:
+def resolve_stage_lengths(
+    config: Any, policy: LengthPolicy, stage: str, prompt: LengthStats | None, response: LengthStats | None
+) -> Any:
     """`config` with its `"auto"` limits resolved and explicit ones checked (errors name `<stage>.<field>`)."""
     return resolve_lengths(config, prompt, response, policy, where=f"{stage}.")

@@ -12,9 +12,9 @@ CURVE_WORDS = ("reward", "score", "kl", "explained_variance")
 
 
 @stage_task("ppo")
-def ppo_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
-             reward_model: StagePointer | None = None) -> StagePointer:
+def ppo_task(
+    env: StageEnv, validated: StagePointer, sft: StagePointer, reward_model: StagePointer | None = None
+) -> StagePointer:
     """Train the PPO policy (init and reference: SFT; reward: the RM and/or `ppo.reward_functions`); returns the
     policy pointer."""
-    return run_policy_stage(env, "ppo", "ppo", env.config.ppo, train_ppo, CURVE_WORDS, validated, sft,
-                            reward_model)
+    return run_policy_stage(env, "ppo", "ppo", env.config.ppo, train_ppo, CURVE_WORDS, validated, sft, reward_model)

@@ -17,8 +17,16 @@ import os
 from pathlib import Path
 
 # Environment the workers need (the launching task's PYTHONPATH, thread limits, the parent pid to watch).
-FORWARDED_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RLHF_LAUNCH_PARENT_PID", "HF_HOME",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
+FORWARDED_ENV = (
+    "PYTHONPATH",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "RLHF_LAUNCH_PARENT_PID",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+)
 
 
 def train_loop(loop_config: dict) -> None:

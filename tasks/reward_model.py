@@ -16,8 +16,9 @@ CURVES = ("rm/loss", "rm/accuracy", "rm/reward_margin", "rm/eval_accuracy")
 
 
 @stage_task("reward_model")
-def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
-                      collected: StagePointer | None = None) -> StagePointer:
+def reward_model_task(
+    env: StageEnv, validated: StagePointer, sft: StagePointer, collected: StagePointer | None = None
+) -> StagePointer:
     """Train the RM from the SFT model on preference (or ranking) rows — the validated `datasets.preferences`,
     or the rankings of the `collect` stage when `collected` is given; returns the RM pointer."""
     source = collected if collected is not None else validated
@@ -35,11 +36,30 @@ def reward_model_task(env: StageEnv, validated: StagePointer, sft: StagePointer,
 
     def execute(run: StageRun) -> StageOutcome:
         eval_rows = read_rows(data["preference_eval"]) if "preference_eval" in data else []
-        result = train_launched(env, "reward_model", train_reward_model, config, sft.model_dir,
-                                read_rows(data["preference_train"]), eval_rows, run)
-        return StageOutcome(model_dir=result.model_dir, metrics=result.metrics,
-                            resumed_from_step=result.resumed_from_step, curves=CURVES)
+        result = train_launched(
+            env,
+            "reward_model",
+            train_reward_model,
+            config,
+            sft.model_dir,
+            read_rows(data["preference_train"]),
+            eval_rows,
+            run,
+        )
+        return StageOutcome(
+            model_dir=result.model_dir,
+            metrics=result.metrics,
+            resumed_from_step=result.resumed_from_step,
+            curves=CURVES,
+        )
 
     key_config = stage_key_config(config, env.config.launch.for_stage("reward_model"))
-    return run_stage(env, "reward_model", stage_config=key_config, data=data, upstream=upstream,
-                     lineage={"validate": validated}, execute=execute)
+    return run_stage(
+        env,
+        "reward_model",
+        stage_config=key_config,
+        data=data,
+        upstream=upstream,
+        lineage={"validate": validated},
+        execute=execute,
+    )

@@ -102,8 +102,9 @@ def stage_task(name: str) -> Callable[[Callable[..., StagePointer]], StageTask]:
 
         # NO_CACHE: caching is ours (tasks/caching.py), keyed on inputs and checked against MLflow.
         hook = [_tell_stage_listeners]
-        prefect_task = task(name=name, cache_policy=NO_CACHE, persist_result=False, on_running=hook,
-                            on_completion=hook, on_failure=hook)(run)
+        prefect_task = task(
+            name=name, cache_policy=NO_CACHE, persist_result=False, on_running=hook, on_completion=hook, on_failure=hook
+        )(run)
         return StageTask(prefect_task, fn)
 
     return decorate
@@ -194,21 +195,26 @@ def run_stage(
                 announce(stage, REUSED, f"MLflow run {cached.run_id} (cache key {key[:12]})")
                 record_on_parent(env, pointer)
                 return pointer
-            log.warning("stage %s: not reusing %s (%s); rerunning", stage, cached.run_id,
-                        reason or "cache disabled")
+            log.warning("stage %s: not reusing %s (%s); rerunning", stage, cached.run_id, reason or "cache disabled")
             caching.clear_stage(directory)
         tagged = {**(lineage or {}), **upstream}
         announce(stage, STARTED, f"cache key {key[:12]}")
-        pointer = _execute(env, client, stage, key, directory, stage_config, data, tagged, execute,
-                           extra_tags or {})
+        pointer = _execute(env, client, stage, key, directory, stage_config, data, tagged, execute, extra_tags or {})
         caching.write_pointer(directory, pointer)
         caching.write_active_run(directory, None)
     record_on_parent(env, pointer)
     return pointer
 
 
-def _start_stage_run(env: StageEnv, client: MlflowClient, stage: str, key: str, directory: Path,
-                     upstream: Mapping[str, StagePointer], extra_tags: Mapping[str, str]) -> str:
+def _start_stage_run(
+    env: StageEnv,
+    client: MlflowClient,
+    stage: str,
+    key: str,
+    directory: Path,
+    upstream: Mapping[str, StagePointer],
+    extra_tags: Mapping[str, str],
+) -> str:
     tags: dict[str, Any] = {
         "rlhf.kind": "stage",
         "rlhf.stage": stage,
@@ -227,23 +233,40 @@ def _start_stage_run(env: StageEnv, client: MlflowClient, stage: str, key: str, 
     previous = caching.read_active_run(directory)
     if previous and tracking.mark_killed_if_running(client, previous):
         tags["rlhf.resumes_run"] = previous
-    run = client.create_run(env.experiment_id, run_name=stage,
-                            tags={k: str(v) for k, v in tags.items() if v is not None})
+    run = client.create_run(
+        env.experiment_id, run_name=stage, tags={k: str(v) for k, v in tags.items() if v is not None}
+    )
     caching.write_active_run(directory, run.info.run_id)
     return run.info.run_id
 
 
-def _execute(env: StageEnv, client: MlflowClient, stage: str, key: str, directory: Path, stage_config: Any,
-             data: Mapping[str, DataRef], upstream: Mapping[str, StagePointer],
-             execute: Callable[[StageRun], StageOutcome], extra_tags: Mapping[str, str]) -> StagePointer:
+def _execute(
+    env: StageEnv,
+    client: MlflowClient,
+    stage: str,
+    key: str,
+    directory: Path,
+    stage_config: Any,
+    data: Mapping[str, DataRef],
+    upstream: Mapping[str, StagePointer],
+    execute: Callable[[StageRun], StageOutcome],
+    extra_tags: Mapping[str, str],
+) -> StagePointer:
     run_id = _start_stage_run(env, client, stage, key, directory, upstream, extra_tags)
     monitor = _system_metrics(env, run_id)
     try:
         if stage_config is not None:
             tracking.log_params(client, run_id, tracking.flatten_params(stage_config, stage))
         for name, ref in data.items():
-            tracking.log_dataset(client, run_id, name, read_rows(ref), ref.source, ref.digest,
-                                 context="evaluation" if name.endswith("_eval") else "training")
+            tracking.log_dataset(
+                client,
+                run_id,
+                name,
+                read_rows(ref),
+                ref.source,
+                ref.digest,
+                context="evaluation" if name.endswith("_eval") else "training",
+            )
         run = StageRun(client, run_id, directory / caching.TRAIN_DIRNAME, tracking.MLflowLogger(client, run_id))
         outcome = execute(run)
         pointer = _record_outcome(env, client, stage, key, run, outcome, data)
@@ -258,17 +281,31 @@ def _execute(env: StageEnv, client: MlflowClient, stage: str, key: str, director
     return pointer
 
 
-def _record_outcome(env: StageEnv, client: MlflowClient, stage: str, key: str, run: StageRun,
-                    outcome: StageOutcome, data: Mapping[str, DataRef]) -> StagePointer:
+def _record_outcome(
+    env: StageEnv,
+    client: MlflowClient,
+    stage: str,
+    key: str,
+    run: StageRun,
+    outcome: StageOutcome,
+    data: Mapping[str, DataRef],
+) -> StagePointer:
     model_uri = None
     if outcome.model_dir is not None and env.config.tracking.log_model:
         model_uri = tracking.log_model_dir(client, run.run_id, outcome.model_dir)
     if outcome.model_dir is not None:
         # 0: trained from scratch; N > 0: resumed from checkpoint step N (after a crash, kill or timeout).
-        tracking.set_tags(client, run.run_id, {"rlhf.resumed_from_step": outcome.resumed_from_step or 0,
-                                               "rlhf.model_dir": outcome.model_dir})
-    plot = tracking.plot_curves(run.logger.history, outcome.curves, f"{env.config.name}: {stage}",
-                                run.output_dir / "plots" / f"{stage}_curves.png")
+        tracking.set_tags(
+            client,
+            run.run_id,
+            {"rlhf.resumed_from_step": outcome.resumed_from_step or 0, "rlhf.model_dir": outcome.model_dir},
+        )
+    plot = tracking.plot_curves(
+        run.logger.history,
+        outcome.curves,
+        f"{env.config.name}: {stage}",
+        run.output_dir / "plots" / f"{stage}_curves.png",
+    )
     if plot is not None:
         client.log_artifact(run.run_id, str(plot), "plots")
     return StagePointer(

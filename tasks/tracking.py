@@ -70,10 +70,17 @@ def git_commit() -> str | None:
     """The repository's HEAD commit (with `-dirty` when the tree has changes), or None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
@@ -117,8 +124,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location,
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:
             # Another pipeline created it in between.
             experiment = client.get_experiment_by_name(name)
@@ -235,8 +243,9 @@ class MLflowLogger:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def log_dataset(client: MlflowClient, run_id: str, name: str, rows: list[dict], source: str, digest: str,
-                context: str) -> None:
+def log_dataset(
+    client: MlflowClient, run_id: str, name: str, rows: list[dict], source: str, digest: str, context: str
+) -> None:
     """Log `rows` as an MLflow dataset input named `name` with OUR full-content digest (MLflow's own hashes a
     sample), plus the tag `rlhf.data.<name>.digest`. MLflow caps a dataset digest at 36 characters, so the input
     carries the first 32 hex digits and the tag the whole digest (the tag is authoritative). Nested values (chat
@@ -247,8 +256,9 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, rows: list[dict], 
         # A local path matches two equivalent MLflow source types; it picks one and warns on every dataset.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=short)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag("mlflow.data.context", context)])])
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    )
     client.set_tag(run_id, f"rlhf.data.{name}.digest", digest)
 
 
@@ -273,8 +283,9 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
         client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
 
-def plot_curves(history: Mapping[str, list[tuple[int, float]]], names: Iterable[str], title: str,
-                path: Path) -> Path | None:
+def plot_curves(
+    history: Mapping[str, list[tuple[int, float]]], names: Iterable[str], title: str, path: Path
+) -> Path | None:
     """One PNG with a subplot per metric of `names` present in `history` (value vs step); None if none is."""
     present = [n for n in names if history.get(n)]
     if not present:
@@ -316,8 +327,12 @@ def register_version(client: MlflowClient, name: str, run_id: str, tags: Mapping
             pass  # created concurrently
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         return str(version.version)
-    version = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items() if v is not None})
+    version = client.create_model_version(
+        name,
+        f"runs:/{run_id}/{MODEL_ARTIFACT}",
+        run_id=run_id,
+        tags={k: str(v) for k, v in tags.items() if v is not None},
+    )
     return str(version.version)
 
 
@@ -343,4 +358,3 @@ def champion_model(client: MlflowClient, name: str, cache_dir: Path) -> tuple[An
         target.mkdir(parents=True, exist_ok=True)
         client.download_artifacts(version.run_id, MODEL_ARTIFACT, str(target))
     return version, str(target / MODEL_ARTIFACT)
-

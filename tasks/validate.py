@@ -80,21 +80,36 @@ def _fail(env: StageEnv, failures: dict[str, DataValidationError]) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"validation-{time.strftime('%Y%m%d-%H%M%S')}-{env.parent_run_id[:8]}.md"
     path.write_text(markdown)
-    create_markdown_artifact(markdown=markdown, key="validation-report",
-                             description=f"Data validation failed: {', '.join(failures)}")
+    create_markdown_artifact(
+        markdown=markdown, key="validation-report", description=f"Data validation failed: {', '.join(failures)}"
+    )
     client = env.client
-    run = client.create_run(env.experiment_id, run_name="validate", tags={
-        "rlhf.kind": "stage", "rlhf.stage": "validate", "mlflow.parentRunId": env.parent_run_id,
-        "rlhf.pipeline": env.config.name, "rlhf.validation": "failed"})
+    run = client.create_run(
+        env.experiment_id,
+        run_name="validate",
+        tags={
+            "rlhf.kind": "stage",
+            "rlhf.stage": "validate",
+            "mlflow.parentRunId": env.parent_run_id,
+            "rlhf.pipeline": env.config.name,
+            "rlhf.validation": "failed",
+        },
+    )
     tracking.log_text(client, run.info.run_id, markdown, "validation_report.md")
     tracking.end_run(client, run.info.run_id, "FAILED")
-    tracking.set_tags(client, env.parent_run_id, {"rlhf.failed_stage": "validate",
-                                                  "rlhf.stage_run.validate": run.info.run_id})
+    tracking.set_tags(
+        client, env.parent_run_id, {"rlhf.failed_stage": "validate", "rlhf.stage_run.validate": run.info.run_id}
+    )
     raise DataValidationFailed(f"data validation failed for {', '.join(failures)}; report: {path}", path, markdown)
 
 
 def _summary(refs: dict[str, DataRef]) -> str:
-    lines = ["# Data validation passed", "", "| dataset | kind | rows | digest | source |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Data validation passed",
+        "",
+        "| dataset | kind | rows | digest | source |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     lines += [f"| {r.name} | {r.kind} | {r.num_rows} | `{r.digest}` | {r.source} |" for r in refs.values()]
     return "\n".join(lines) + "\n"
 
@@ -132,8 +147,13 @@ def measure_datasets(refs: dict[str, DataRef], tokenizer_dir: str) -> dict[str, 
 
 
 def _lengths_table(lengths: dict[str, dict[str, LengthStats]]) -> str:
-    lines = ["", "## Token lengths (base model's tokenizer, chat template and end-of-turn included)", "",
-             "| dataset | field | rows | p50 | p95 | max |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "## Token lengths (base model's tokenizer, chat template and end-of-turn included)",
+        "",
+        "| dataset | field | rows | p50 | p95 | max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, fields in lengths.items():
         for field, stats in fields.items():
             s = stats.summary()
@@ -151,11 +171,21 @@ def validate_task(env: StageEnv, base: StagePointer) -> StagePointer:
     def execute(run: StageRun) -> StageOutcome:
         lengths = measure_datasets(refs, str(base.model_dir))
         tracking.log_text(run.client, run.run_id, _summary(refs) + _lengths_table(lengths), "validation_report.md")
-        metrics = {f"lengths/{name}/{field}_{k}": float(v) for name, fields in lengths.items()
-                   for field, stats in fields.items() for k, v in stats.summary().items() if k != "count"}
+        metrics = {
+            f"lengths/{name}/{field}_{k}": float(v)
+            for name, fields in lengths.items()
+            for field, stats in fields.items()
+            for k, v in stats.summary().items()
+            if k != "count"
+        }
         run.logger.log_metrics(metrics, step=0)
-        return StageOutcome(datasets=refs, metrics=metrics, extra={
-            "num_rows": {n: r.num_rows for n, r in refs.items()},
-            LENGTHS_KEY: {n: {f: s.to_json() for f, s in fields.items()} for n, fields in lengths.items()}})
+        return StageOutcome(
+            datasets=refs,
+            metrics=metrics,
+            extra={
+                "num_rows": {n: r.num_rows for n, r in refs.items()},
+                LENGTHS_KEY: {n: {f: s.to_json() for f, s in fields.items()} for n, fields in lengths.items()},
+            },
+        )
 
     return run_stage(env, "validate", stage_config=settings, data=refs, upstream={"base": base}, execute=execute)

@@ -61,9 +61,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
-def test_a_directory_is_flushed_file_by_file_before_the_rename(
-    tmp_path: Path, calls: list[tuple[str, str]]
-) -> None:
+def test_a_directory_is_flushed_file_by_file_before_the_rename(tmp_path: Path, calls: list[tuple[str, str]]) -> None:
     """Given an existing `model/` and a new one built in `.tmp-model/`, then every new file and the new
     directory are fsync'd, the rename happens, the parent is fsync'd, and `model/` holds only the new files."""
     final, tmp = tmp_path / "model", tmp_path / ".tmp-model"

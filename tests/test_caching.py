@@ -23,8 +23,14 @@ DATA = {"preference_train": "sha256:aa", "preference_eval": "sha256:bb"}
 
 
 def _key(**changes: object) -> str:
-    args = {"stage": "dpo", "stage_config": DPOConfig(), "data_digests": DATA, "upstream": {"sft": SFT},
-            "code_version": "1.0+src.abc", **changes}
+    args = {
+        "stage": "dpo",
+        "stage_config": DPOConfig(),
+        "data_digests": DATA,
+        "upstream": {"sft": SFT},
+        "code_version": "1.0+src.abc",
+        **changes,
+    }
     return caching.cache_key(**args)  # type: ignore[arg-type]
 
 
@@ -55,8 +61,14 @@ def test_code_version_is_the_package_version_plus_a_hash_of_the_library_sources(
 def _source_hash_of(tree: Path) -> str:
     """`tracking.source_hash()` as a fresh interpreter computes it for the sources under `tree`."""
     code = "from tasks import tracking; print(tracking.source_hash())"
-    return subprocess.run([sys.executable, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_a_change_to_library_code_changes_the_code_version_and_so_every_cache_key(tmp_path: Path) -> None:

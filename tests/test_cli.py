@@ -58,14 +58,19 @@ def test_run_without_a_terminal_shows_stage_lines_progress_lines_and_the_result_
     """`rlhf run` as its own process, its output a pipe (not a terminal), on a tiny pipeline (~40 s)."""
     data = REPO / "data" / "support_bot"
     config = {
-        "name": "quiet", "base_model": "tiny", "algorithm": "dpo", "work_dir": str(tmp_path / "runs"),
+        "name": "quiet",
+        "base_model": "tiny",
+        "algorithm": "dpo",
+        "work_dir": str(tmp_path / "runs"),
         "datasets": {
             "demonstrations": {"path": str(data / "demonstrations.jsonl"), "limit": 24},
             "preferences": {"path": str(data / "preferences.jsonl"), "limit": 24},
             "prompts_train": {"path": str(data / "prompts_train.jsonl"), "limit": 8},
             "prompts_eval": {"path": str(data / "prompts_eval.jsonl"), "limit": 4},
-            "eval_fraction": 0.25},
-        "sft": {**TINY_STAGE, "max_steps": 3}, "reward_model": {**TINY_STAGE, "max_steps": 3},
+            "eval_fraction": 0.25,
+        },
+        "sft": {**TINY_STAGE, "max_steps": 3},
+        "reward_model": {**TINY_STAGE, "max_steps": 3},
         "dpo": {**TINY_STAGE, "max_steps": 2},
         "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4},
         "lengths": {"allow_truncation": True},
@@ -77,8 +82,14 @@ def test_run_without_a_terminal_shows_stage_lines_progress_lines_and_the_result_
     for name in ("PREFECT_API_URL", "MLFLOW_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
         env.pop(name, None)
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     out, err = proc.stdout, proc.stderr
@@ -122,13 +133,17 @@ def _one_clear_line(result, *words: str) -> str:  # noqa: ANN001
     return lines[0]
 
 
-@pytest.mark.parametrize(("name", "content", "words"), [
-    ("syntax.yaml", b"name: x\nsft: [1, 2\n", ("not valid YAML", "line 3")),
-    ("binary.yaml", bytes(range(256)) * 4, ("not a UTF-8 text file", "byte 0x80")),
-    ("tab.yaml", b"name: x\n\tsft: 1\n", ("not valid YAML", "line 2")),
-])
-def test_run_reports_an_unreadable_config_in_one_line(runner: CliRunner, tmp_path: Path, name: str,
-                                                      content: bytes, words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("syntax.yaml", b"name: x\nsft: [1, 2\n", ("not valid YAML", "line 3")),
+        ("binary.yaml", bytes(range(256)) * 4, ("not a UTF-8 text file", "byte 0x80")),
+        ("tab.yaml", b"name: x\n\tsft: 1\n", ("not valid YAML", "line 2")),
+    ],
+)
+def test_run_reports_an_unreadable_config_in_one_line(
+    runner: CliRunner, tmp_path: Path, name: str, content: bytes, words: tuple[str, ...]
+) -> None:
     # Given a config with a YAML syntax error or binary bytes; when run; then exit 2 with one line naming the file.
     config = tmp_path / name
     config.write_bytes(content)
@@ -146,15 +161,21 @@ def test_run_reports_a_malformed_override_in_one_line(runner: CliRunner, tmp_pat
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.parametrize(("content", "words"), [
-    (b'{"item_id": "a", "prompt": "p"\n', (":1:", "not JSON")),
-    (b'{"item_id": "a", "prompt": "p", "responses": 5}\n', (":1:", "responses must be")),
-    (b'{"item_id": ["a"], "prompt": "p", "responses": [{"id": "r0", "text": "x"}, {"id": "r1", "text": "y"}]}\n',
-     (":1:", "item_id must be")),
-    (b"\xff\xfe binary", ("not UTF-8",)),
-])
-def test_label_reports_a_malformed_task_file_in_one_line(runner: CliRunner, tmp_path: Path, content: bytes,
-                                                         words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"item_id": "a", "prompt": "p"\n', (":1:", "not JSON")),
+        (b'{"item_id": "a", "prompt": "p", "responses": 5}\n', (":1:", "responses must be")),
+        (
+            b'{"item_id": ["a"], "prompt": "p", "responses": [{"id": "r0", "text": "x"}, {"id": "r1", "text": "y"}]}\n',
+            (":1:", "item_id must be"),
+        ),
+        (b"\xff\xfe binary", ("not UTF-8",)),
+    ],
+)
+def test_label_reports_a_malformed_task_file_in_one_line(
+    runner: CliRunner, tmp_path: Path, content: bytes, words: tuple[str, ...]
+) -> None:
     task_file = tmp_path / "tasks.jsonl"
     task_file.write_bytes(content)
     result = runner.invoke(app, ["label", str(task_file), "--port", "0"], env=WIDE)
@@ -162,8 +183,9 @@ def test_label_reports_a_malformed_task_file_in_one_line(runner: CliRunner, tmp_
     _one_clear_line(result, str(task_file), *words)
 
 
-def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(runner: CliRunner, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a command that fails in a way nobody planned for; then one line naming the error and --debug ...
     import flows.labeling_app
 
@@ -191,8 +213,11 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(runner: C
 
 GOOD = [
     {"prompt": "Where is my order?", "chosen": "Let me check it for you.", "rejected": "No idea."},
-    {"prompt": [{"role": "user", "content": "Refund please"}], "chosen": [{"role": "assistant", "content": "Done."}],
-     "rejected": [{"role": "assistant", "content": "No."}]},
+    {
+        "prompt": [{"role": "user", "content": "Refund please"}],
+        "chosen": [{"role": "assistant", "content": "Done."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
     {"prompt": "Reset my password", "chosen": "Use 'Forgot password'.", "rejected": "Can't help."},
 ]
 
@@ -230,14 +255,20 @@ def test_validate_bad_data_exits_1_with_the_precise_report(runner: CliRunner, tm
     assert all(line.strip() in result.output for line in report.splitlines() if line.strip())
 
 
-@pytest.mark.parametrize(("rows", "expected"), [
-    ([{"prompt": "Hi", "chosen": "Hello!"}, {"prompt": "Yo", "chosen": "Hey"}],
-     ["column 'rejected': [required] column missing from every row"]),
-    ([{**GOOD[0], "score": 1}], ["row 1 (line 1), column 'score': [unknown_column]"]),
-    ([{"prompt": 7, "chosen": "a", "rejected": "b"}], ["row 1 (line 1), column 'prompt': [type]"]),
-])
-def test_validate_reports_schema_level_failures_like_row_level_ones(runner: CliRunner, tmp_path: Path,
-                                                                    rows: list[dict], expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            [{"prompt": "Hi", "chosen": "Hello!"}, {"prompt": "Yo", "chosen": "Hey"}],
+            ["column 'rejected': [required] column missing from every row"],
+        ),
+        ([{**GOOD[0], "score": 1}], ["row 1 (line 1), column 'score': [unknown_column]"]),
+        ([{"prompt": 7, "chosen": "a", "rejected": "b"}], ["row 1 (line 1), column 'prompt': [type]"]),
+    ],
+)
+def test_validate_reports_schema_level_failures_like_row_level_ones(
+    runner: CliRunner, tmp_path: Path, rows: list[dict], expected: list[str]
+) -> None:
     # Given a file lacking a whole column, with an extra column or a value of the wrong type; then exit 1 and the
     # report names file, column and rule (a missing column used to crash the explainer: int(None)).
     data = _jsonl(tmp_path / "prefs.jsonl", rows)
@@ -293,8 +324,9 @@ def test_lineage_exit_codes_name_the_problem(runner: CliRunner, store, tmp_path:
     assert result.exit_code == 1 and "champion" in result.output
     # A run whose upstream was never written: the tree is printed, the hole named, exit 2.
     exp = store.client.get_run(store.dpo).info.experiment_id
-    orphan = store.client.create_run(exp, tags={"rlhf.kind": "stage", "rlhf.stage": "dpo",
-                                                "rlhf.upstream.sft.run_id": NEVER_WRITTEN}).info.run_id
+    orphan = store.client.create_run(
+        exp, tags={"rlhf.kind": "stage", "rlhf.stage": "dpo", "rlhf.upstream.sft.run_id": NEVER_WRITTEN}
+    ).info.run_id
     result = runner.invoke(app, ["lineage", orphan, "--tracking-uri", uri], env=WIDE)
     assert result.exit_code == 2
     assert f"incomplete lineage: upstream 'sft': run {NEVER_WRITTEN} not found" in result.output
@@ -313,22 +345,52 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> str:
     quick, other = client.create_experiment("quickstart"), client.create_experiment("other")
     t0 = 1_796_000_000_000  # ms since the epoch
 
-    def parent(exp: str, name: str, algorithm: str, start: int, metrics: dict[str, float], end: int | None,
-               tags: dict[str, str] | None = None) -> str:
-        run = client.create_run(exp, run_name=name, start_time=start, tags={
-            "rlhf.kind": "pipeline", "rlhf.algorithm": algorithm, **(tags or {})})
+    def parent(
+        exp: str,
+        name: str,
+        algorithm: str,
+        start: int,
+        metrics: dict[str, float],
+        end: int | None,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        run = client.create_run(
+            exp,
+            run_name=name,
+            start_time=start,
+            tags={"rlhf.kind": "pipeline", "rlhf.algorithm": algorithm, **(tags or {})},
+        )
         for key, value in metrics.items():
             client.log_metric(run.info.run_id, key, value, step=0)
         if end is not None:
             client.set_terminated(run.info.run_id, end_time=end)
         return run.info.run_id
 
-    parent(quick, "quickstart-dpo-20261205-090000", "dpo", t0, {
-        "eval/gold_score": 1.554, "eval/win_rate_gold": 0.8, "eval/rm_score": 0.31, "eval/win_rate_rm": 0.7,
-        "eval/kl_to_ref": 6.43, "eval/response_length": 21.25, "eval/no_eos_fraction": 0.03}, t0 + 45_000,
-        {"rlhf.registered_model": "rlhf-policy/1", "rlhf.promoted": "true"})
-    parent(quick, "quickstart-ppo-20261205-091000", "ppo", t0 + 600_000,
-           {"eval/gold_score": 1.42, "eval/win_rate_gold": 0.76, "eval/kl_to_ref": 2.3}, t0 + 700_000)
+    parent(
+        quick,
+        "quickstart-dpo-20261205-090000",
+        "dpo",
+        t0,
+        {
+            "eval/gold_score": 1.554,
+            "eval/win_rate_gold": 0.8,
+            "eval/rm_score": 0.31,
+            "eval/win_rate_rm": 0.7,
+            "eval/kl_to_ref": 6.43,
+            "eval/response_length": 21.25,
+            "eval/no_eos_fraction": 0.03,
+        },
+        t0 + 45_000,
+        {"rlhf.registered_model": "rlhf-policy/1", "rlhf.promoted": "true"},
+    )
+    parent(
+        quick,
+        "quickstart-ppo-20261205-091000",
+        "ppo",
+        t0 + 600_000,
+        {"eval/gold_score": 1.42, "eval/win_rate_gold": 0.76, "eval/kl_to_ref": 2.3},
+        t0 + 700_000,
+    )
     parent(quick, "quickstart-ppo-20261205-092000", "ppo", t0 + 1_200_000, {}, None)  # still running
     client.create_run(quick, run_name="dpo", tags={"rlhf.kind": "stage", "rlhf.stage": "dpo"})
     parent(other, "other-dpo-20261205-080000", "dpo", t0 - 3_600_000, {"eval/win_rate_gold": 0.55}, t0)
@@ -340,25 +402,38 @@ def _table_rows(output: str) -> list[list[str]]:
     return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if "-20261205-" in line]
 
 
-def test_runs_lists_an_experiments_pipeline_runs_newest_first_with_their_evaluation(runner: CliRunner,
-                                                                                     pipeline_runs: str) -> None:
+def test_runs_lists_an_experiments_pipeline_runs_newest_first_with_their_evaluation(
+    runner: CliRunner, pipeline_runs: str
+) -> None:
     result = runner.invoke(app, ["runs", "--experiment", "quickstart", "--tracking-uri", pipeline_runs], env=WIDE)
 
     assert result.exit_code == 0, result.output
     assert "run  status  algo  started UTC  took  gold  gold win  RM win  KL  no EOS" in re.sub(
-        r" {2,}", "  ", result.output)
+        r" {2,}", "  ", result.output
+    )
     # Newest first; not the other experiment's run, not the stage run.
     assert _table_rows(result.output) == [
         ["quickstart-ppo-20261205-092000", "RUNNING", "ppo", "11-30 01:13", "–", "–", "–", "–", "–", "–"],
         ["quickstart-ppo-20261205-091000", "FINISHED", "ppo", "11-30 01:03", "100s", "1.42", "0.76", "–", "2.30", "–"],
-        ["quickstart-dpo-20261205-090000", "FINISHED", "dpo", "11-30 00:53", "45s", "1.55", "0.80", "0.70", "6.43",
-         "0.03"],
+        [
+            "quickstart-dpo-20261205-090000",
+            "FINISHED",
+            "dpo",
+            "11-30 00:53",
+            "45s",
+            "1.55",
+            "0.80",
+            "0.70",
+            "6.43",
+            "0.03",
+        ],
     ]
 
 
 def test_runs_limit_wide_every_experiment_and_an_unknown_one(runner: CliRunner, pipeline_runs: str) -> None:
-    newest = runner.invoke(app, ["runs", "-n", "1", "--experiment", "quickstart", "--wide",
-                                 "--tracking-uri", pipeline_runs], env=WIDE)
+    newest = runner.invoke(
+        app, ["runs", "-n", "1", "--experiment", "quickstart", "--wide", "--tracking-uri", pipeline_runs], env=WIDE
+    )
     assert newest.exit_code == 0, newest.output
     [row] = _table_rows(newest.output)
     assert row[0] == "quickstart-ppo-20261205-092000" and len(row) == 14 and re.fullmatch("[0-9a-f]{32}", row[-1])
@@ -366,15 +441,20 @@ def test_runs_limit_wide_every_experiment_and_an_unknown_one(runner: CliRunner, 
     wide = runner.invoke(app, ["runs", "--wide", "--tracking-uri", pipeline_runs], env=WIDE)
     assert wide.exit_code == 0, wide.output
     rows = _table_rows(wide.output)
-    assert [r[0] for r in rows] == ["quickstart-ppo-20261205-092000", "quickstart-ppo-20261205-091000",
-                                    "quickstart-dpo-20261205-090000", "other-dpo-20261205-080000"]
+    assert [r[0] for r in rows] == [
+        "quickstart-ppo-20261205-092000",
+        "quickstart-ppo-20261205-091000",
+        "quickstart-dpo-20261205-090000",
+        "other-dpo-20261205-080000",
+    ]
     assert rows[2][5:13] == ["1.55", "0.80", "0.31", "0.70", "6.43", "21.2", "0.03", "rlhf-policy v1 (champion)"]
     assert "experiments other, quickstart" in wide.output
 
     unknown = runner.invoke(app, ["runs", "--experiment", "nope", "--tracking-uri", pipeline_runs], env=WIDE)
     assert unknown.exit_code == 1
-    assert unknown.stderr.strip() == ("error: no experiment 'nope' in this store "
-                                      "(experiments: Default, other, quickstart)")
+    assert unknown.stderr.strip() == (
+        "error: no experiment 'nope' in this store (experiments: Default, other, quickstart)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,8 +472,9 @@ def _generate(runner: CliRunner, model: str, *extra: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_generate_from_a_local_directory_is_seeded_sampling_of_that_model(runner: CliRunner,
-                                                                           tiny_model_dir: Path) -> None:
+def test_generate_from_a_local_directory_is_seeded_sampling_of_that_model(
+    runner: CliRunner, tiny_model_dir: Path
+) -> None:
     from rlhf_core.generation import SamplingConfig
     from rlhf_core.inference import generate_text, load_policy
 
@@ -401,14 +482,16 @@ def test_generate_from_a_local_directory_is_seeded_sampling_of_that_model(runner
 
     # Then: one response per prompt, exactly the library's seeded sample with the same settings.
     model, tokenizer = load_policy(tiny_model_dir)
-    expected = generate_text(model, tokenizer, PROMPTS,
-                             SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=7))
+    expected = generate_text(
+        model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=7)
+    )
     assert out == [{"prompt": p, "response": r} for p, r in zip(PROMPTS, expected, strict=True)]
     assert _generate(runner, str(tiny_model_dir)) == out  # same seed, same text
 
 
 def test_generate_from_mlflow_uris_downloads_once_and_matches_the_local_model(
-        runner: CliRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
+    runner: CliRunner, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     # Given the tiny model logged as a run's `model/` artifact and registered as rlhf-policy@champion.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
@@ -450,14 +533,19 @@ def test_generate_refuses_pickle_weights(runner: CliRunner, tiny_model_dir: Path
 def test_generate_needs_exactly_one_prompt_source(runner: CliRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\n")
-    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--prompt", "x", "--prompts-file", str(prompts)],
-                           env=WIDE)
+    result = runner.invoke(
+        app, ["generate", str(tiny_model_dir), "--prompt", "x", "--prompts-file", str(prompts)], env=WIDE
+    )
     assert result.exit_code == 2 and "not both" in result.output
 
 
 def test_chat_answers_each_turn_until_exit(runner: CliRunner, tiny_model_dir: Path) -> None:
-    result = runner.invoke(app, ["chat", str(tiny_model_dir), "--seed", "0", "--max-new-tokens", "4"],
-                           input="Hello there\n/reset\nMy order is late\n/exit\n", env=WIDE)
+    result = runner.invoke(
+        app,
+        ["chat", str(tiny_model_dir), "--seed", "0", "--max-new-tokens", "4"],
+        input="Hello there\n/reset\nMy order is late\n/exit\n",
+        env=WIDE,
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("model > ") == 3  # two answers and the reset notice
     assert "model > (history cleared)" in result.output
@@ -527,14 +615,28 @@ def test_rlhf_label_serves_the_page_and_saves_an_answer(tmp_path: Path) -> None:
     # Given a task file of two items and the real `rlhf label` command in its own process.
     from rlhf_core.collection import item_id, read_answers_file, write_jsonl_atomic
 
-    items = [{"item_id": item_id(i, f"prompt {i}", ["a", "b"]), "prompt": f"prompt {i}", "model": "m",
-              "responses": [{"id": "r0", "text": "a", "ended_with_eos": True},
-                            {"id": "r1", "text": "b", "ended_with_eos": True}], "sampling": {"seed": 0}}
-             for i in range(2)]
+    items = [
+        {
+            "item_id": item_id(i, f"prompt {i}", ["a", "b"]),
+            "prompt": f"prompt {i}",
+            "model": "m",
+            "responses": [
+                {"id": "r0", "text": "a", "ended_with_eos": True},
+                {"id": "r1", "text": "b", "ended_with_eos": True},
+            ],
+            "sampling": {"seed": 0},
+        }
+        for i in range(2)
+    ]
     task_file = write_jsonl_atomic(items, tmp_path / "tasks.jsonl")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", str(task_file), "--port", "0",
-                             "--labeler", "ann"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "label", str(task_file), "--port", "0", "--labeler", "ann"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         lines = []
         while not any("open http" in line for line in lines):
@@ -545,8 +647,15 @@ def test_rlhf_label_serves_the_page_and_saves_an_answer(tmp_path: Path) -> None:
         # When a labeler answers the first item through the page's API.
         import urllib.request
 
-        body = json.dumps({"labeler": "ann", "item_id": items[0]["item_id"], "action": "rank",
-                           "order": ["r1", "r0"], "shown": ["r0", "r1"]}).encode()
+        body = json.dumps(
+            {
+                "labeler": "ann",
+                "item_id": items[0]["item_id"],
+                "action": "rank",
+                "order": ["r1", "r0"],
+                "shown": ["r0", "r1"],
+            }
+        ).encode()
         request = urllib.request.Request(url + "api/answer", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200

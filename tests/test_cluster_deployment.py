@@ -71,9 +71,15 @@ def test_the_gpu_deployment_renders_a_kubernetes_job_with_its_gpus_image_and_vol
         client.create_work_pool(WorkPoolCreate(name=pool, type="kubernetes", base_job_template=template))
         assert client.read_work_pool(pool).base_job_template == template
         flow_id = client.create_flow_from_name("rlhf-pipeline")
-        deployment_id = client.create_deployment(flow_id, spec["name"], work_pool_name=pool,
-                                                 entrypoint=spec["entrypoint"], parameters=spec["parameters"],
-                                                 job_variables=variables, pull_steps=spec["pull"])
+        deployment_id = client.create_deployment(
+            flow_id,
+            spec["name"],
+            work_pool_name=pool,
+            entrypoint=spec["entrypoint"],
+            parameters=spec["parameters"],
+            job_variables=variables,
+            pull_steps=spec["pull"],
+        )
         assert client.read_deployment(deployment_id).job_variables == variables
         with pytest.raises(PrefectHTTPStatusError, match="422"):  # a variable the template forbids is refused
             client.create_deployment(flow_id, "negative-gpus", work_pool_name=pool, job_variables={"gpus": -1})

@@ -32,11 +32,10 @@ from rlhf_core.collection import (
     item_id,
     label_with_judge,
     read_task_file,
-    resolve_judge,
-    reward_model_scorer,
     split_by_item,
 )
 from rlhf_core.generation import SamplingConfig
+from rlhf_core.judges import resolve_judge, reward_model_scorer
 from rlhf_core.models import reward_model_from_causal_lm, score_sequences
 from rlhf_core.support_bot import gold_score
 from rlhf_core.tokenization import collate_right_padded, encode_prompt_response
@@ -88,8 +87,14 @@ def test_task_file_holds_k_candidates_per_prompt_with_the_sampling_settings(coll
         assert [r["id"] for r in item["responses"]] == ["r0", "r1", "r2", "r3"]
         assert item["item_id"] == item_id(index, item["prompt"], [r["text"] for r in item["responses"]])
         assert item["model"] == str(tiny_model_dir)
-        assert item["sampling"] == {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                                    "do_sample": True, "seed": 3 + index // 4}
+        assert item["sampling"] == {
+            "max_new_tokens": 24,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "do_sample": True,
+            "seed": 3 + index // 4,
+        }
     again = create_task_file(tiny_model_dir, prompts, config, tmp_path / "again.jsonl", device="cpu")
     assert (tmp_path / "again.jsonl").read_bytes() == task_file.read_bytes() and again == items
     other = create_task_file(tiny_model_dir, prompts[:4], replace(config, seed=4), tmp_path / "o.jsonl", device="cpu")
@@ -127,9 +132,14 @@ def test_gold_judge_rankings_expand_to_all_pairs_and_pass_the_ranking_schema(col
 
 
 def _synthetic_items(n: int, k: int) -> list[dict]:
-    return [{"item_id": f"{i:05d}", "prompt": f"p{i}",
-             "responses": [{"id": f"r{r}", "text": f"{(i * 7 + r * 3) % 11} {r}"} for r in range(k)]}
-            for i in range(n)]
+    return [
+        {
+            "item_id": f"{i:05d}",
+            "prompt": f"p{i}",
+            "responses": [{"id": f"r{r}", "text": f"{(i * 7 + r * 3) % 11} {r}"} for r in range(k)],
+        }
+        for i in range(n)
+    ]
 
 
 def _length_judge(prompt: str, response: str) -> float:
@@ -169,14 +179,19 @@ def test_label_noise_randomises_the_promised_share_of_answers():
 def test_a_user_judge_is_imported_by_module_and_function_name(tmp_path, monkeypatch):
     """Given a module of the user's on the path, when the judge is "module:function", then its scores rank;
     a malformed name or a missing function fails clearly."""
-    (tmp_path / "my_judge.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_judge.py").write_text(
+        textwrap.dedent("""
         def shortest_first(prompt, response):
             return -len(response)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     judge = resolve_judge("my_judge:shortest_first")
-    item = {"item_id": "x", "prompt": "p", "responses": [{"id": "a", "text": "long answer"},
-                                                         {"id": "b", "text": "short"}, {"id": "c", "text": "mid one"}]}
+    item = {
+        "item_id": "x",
+        "prompt": "p",
+        "responses": [{"id": "a", "text": "long answer"}, {"id": "b", "text": "short"}, {"id": "c", "text": "mid one"}],
+    }
     assert JudgeLabeler(judge).answer(item)["order"] == ["b", "c", "a"]
     with pytest.raises(ValueError, match="module:function"):
         resolve_judge("my_judge")
@@ -196,14 +211,16 @@ def test_reward_model_scorer_batches_like_one_forward_pass_per_response(tiny_mod
     scorer = reward_model_scorer(tmp_path / "rm", device="cpu", batch_size=2)
     expected = []
     for response in responses:
-        batch = collate_right_padded([encode_prompt_response(tiny_tokenizer, prompt, response, 256, 256)],
-                                     tiny_tokenizer.pad_token_id)
+        batch = collate_right_padded(
+            [encode_prompt_response(tiny_tokenizer, prompt, response, 256, 256)], tiny_tokenizer.pad_token_id
+        )
         with torch.no_grad():
             expected.append(float(score_sequences(model, batch["input_ids"], batch["attention_mask"])[0]))
     assert scorer.score_batch(prompt, responses) == pytest.approx(expected, abs=1e-5)
     assert scorer(prompt, responses[1]) == pytest.approx(expected[1], abs=1e-5)
-    order = JudgeLabeler(scorer).answer({"item_id": "i", "prompt": prompt, "responses": [
-        {"id": f"r{i}", "text": t} for i, t in enumerate(responses)]})["order"]
+    order = JudgeLabeler(scorer).answer(
+        {"item_id": "i", "prompt": prompt, "responses": [{"id": f"r{i}", "text": t} for i, t in enumerate(responses)]}
+    )["order"]
     assert order == [f"r{i}" for i in sorted(range(3), key=lambda i: -expected[i])]
 
 
@@ -223,10 +240,21 @@ def test_reward_model_trained_on_collected_rankings_beats_chance(tiny_model_dir,
     with open(DEMOS_FILE) as handle:
         demos = [json.loads(line) for line in handle]
     short = {"progress_bar": False, "batch_size": 8, "max_prompt_len": 64, "seed": 0}
-    sft = train_sft(SFTConfig(max_steps=100, learning_rate=3e-3, max_response_len=48, **short), tiny_model_dir,
-                    demos, [], tmp_path / "sft")
-    config = CollectConfig(num_responses=K, sampling=replace(SAMPLING, max_new_tokens=32), batch_size=16, seed=0,
-                           eval_fraction=0.25, judge="gold")
+    sft = train_sft(
+        SFTConfig(max_steps=100, learning_rate=3e-3, max_response_len=48, **short),
+        tiny_model_dir,
+        demos,
+        [],
+        tmp_path / "sft",
+    )
+    config = CollectConfig(
+        num_responses=K,
+        sampling=replace(SAMPLING, max_new_tokens=32),
+        batch_size=16,
+        seed=0,
+        eval_fraction=0.25,
+        judge="gold",
+    )
     items = create_task_file(sft.model_dir, _prompts(RM_PROMPTS), config, tmp_path / "tasks.jsonl", device="cpu")
     result = label_with_judge(items, JudgeLabeler(gold_score, seed=0))
     train_rows, eval_rows = split_by_item(result, config.eval_fraction, config.seed)
@@ -247,12 +275,17 @@ def test_reward_model_trained_on_collected_rankings_beats_chance(tiny_model_dir,
 
 
 @pytest.fixture(scope="module")
-def stage_env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[StageEnv, StagePointer,
-                                                                                        StagePointer]:
+def stage_env(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> tuple[StageEnv, StagePointer, StagePointer]:
     """One MLflow SQLite store for the module (creating one costs seconds); the tests differ in settings, so
     their stage and collection directories differ too."""
-    config = PipelineConfig(name="collect-test", work_dir=str(tmp_path_factory.mktemp("work")), stages=["validate"],
-                            tracking={"system_metrics": False})
+    config = PipelineConfig(
+        name="collect-test",
+        work_dir=str(tmp_path_factory.mktemp("work")),
+        stages=["validate"],
+        tracking={"system_metrics": False},
+    )
     client = tracking.tracking_client(config.tracking_uri())
     experiment_id = tracking.ensure_experiment(client, "collect-test", config.artifact_location())
     parent = client.create_run(experiment_id, run_name="parent", tags={"rlhf.kind": "pipeline"}).info.run_id
@@ -279,13 +312,19 @@ def test_collect_task_records_the_rankings_with_lineage_and_is_cached(stage_env)
     assert tags["rlhf.upstream.policy.model_uri"] == policy.model_uri
     assert tags["rlhf.data.prompts_train.digest"] == validated.datasets["prompts_train"].digest
     for name in ("preference_train", "preference_eval"):
-        assert tags[f"rlhf.data.{name}.digest"] == pointer.datasets[name].digest == content_digest(
-            read_rows_of(pointer.datasets[name].path))
-    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs}
+        assert (
+            tags[f"rlhf.data.{name}.digest"]
+            == pointer.datasets[name].digest
+            == content_digest(read_rows_of(pointer.datasets[name].path))
+        )
+    contexts = {
+        i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs
+    }
     assert contexts == {"prompts_train": "training", "preference_train": "collected", "preference_eval": "collected"}
     rankings = list(train.rows) + list(held.rows)
-    assert run.data.metrics["collect/pairs"] == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2
-                                                    for r in rankings)
+    assert run.data.metrics["collect/pairs"] == sum(
+        len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rankings
+    )
     assert run.data.metrics["collect/items"] == 6
     assert run.data.metrics["collect/rankings"] == len(rankings)
     assert run.data.params["collect.num_responses"] == "3"
@@ -321,8 +360,7 @@ def test_human_collection_is_a_two_step_run(stage_env):
     pointer = collect_task.fn(env, validated, policy, settings)
     rows = load_rows(pointer.datasets["preference_train"].path, "ranking").rows
     assert [dict(r) for r in rows] == collect_rankings(task_file, pending.value.answers_dir)
-    assert [list(r["responses"]) for r in rows] == [[it["responses"][i]["text"] for i in (2, 0, 1)]
-                                                    for it in items[:5]]
+    assert [list(r["responses"]) for r in rows] == [[it["responses"][i]["text"] for i in (2, 0, 1)] for it in items[:5]]
     run = env.client.get_run(pointer.run_id)
     assert [r.info.run_id for r in env.client.search_runs([env.experiment_id], human_runs)] == [pointer.run_id]
     assert run.data.metrics["collect/skipped"] == 1

@@ -18,8 +18,12 @@ from rlhf_core.trainers.reward import RewardConfig
 from rlhf_core.trainers.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = {"demonstrations": {"path": "d.jsonl"}, "preferences": {"path": "p.jsonl"},
-        "prompts_train": {"path": "pt.jsonl"}, "prompts_eval": {"path": "pe.jsonl"}}
+DATA = {
+    "demonstrations": {"path": "d.jsonl"},
+    "preferences": {"path": "p.jsonl"},
+    "prompts_train": {"path": "pt.jsonl"},
+    "prompts_eval": {"path": "pe.jsonl"},
+}
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -62,8 +66,11 @@ def test_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own(tmp_path:
     ("patch", "path", "message"),
     [
         ({"sft": {"max_stepz": 3}}, "sft.max_stepz", "unexpected key"),
-        ({"datasets": {**DATA, "demonstrations": {"path": "d", "fromat": "trl"}}},
-         "datasets.demonstrations.fromat", "unexpected key"),
+        (
+            {"datasets": {**DATA, "demonstrations": {"path": "d", "fromat": "trl"}}},
+            "datasets.demonstrations.fromat",
+            "unexpected key",
+        ),
         ({"tracking": {"uri": "x"}}, "tracking.uri", "unexpected key"),
         ({"typo_top_level": 1}, "typo_top_level", "unexpected key"),
         ({"sft": {"max_steps": "many"}}, "sft.max_steps", "valid integer"),
@@ -86,16 +93,19 @@ def test_a_bad_key_is_named_by_its_dotted_path(tmp_path: Path, patch: dict, path
 def test_overrides_are_typed_by_yaml_and_create_nested_keys(tmp_path: Path) -> None:
     path = _write(tmp_path, {"name": "t", "datasets": DATA})
 
-    cfg = load_config(path, [
-        "sft.max_steps=12",  # int
-        "dpo.dpo_beta=0.25",  # float
-        "sft.learning_rate=1e-5",  # YAML 1.1 reads a string; the float field takes it as 1e-5
-        "sft.lora.r=2",  # creates the nested mapping
-        "evaluation.models=[sft, policy, base]",  # list
-        "sft.max_prompt_len=null",  # None
-        "tracking.experiment_name=exp-2",  # str
-        "cache.enabled=false",  # bool
-    ])
+    cfg = load_config(
+        path,
+        [
+            "sft.max_steps=12",  # int
+            "dpo.dpo_beta=0.25",  # float
+            "sft.learning_rate=1e-5",  # YAML 1.1 reads a string; the float field takes it as 1e-5
+            "sft.lora.r=2",  # creates the nested mapping
+            "evaluation.models=[sft, policy, base]",  # list
+            "sft.max_prompt_len=null",  # None
+            "tracking.experiment_name=exp-2",  # str
+            "cache.enabled=false",  # bool
+        ],
+    )
 
     assert cfg.sft.max_steps == 12 and isinstance(cfg.sft.max_steps, int)
     assert cfg.dpo.dpo_beta == 0.25
@@ -121,8 +131,7 @@ def test_a_bad_override_is_named(tmp_path: Path) -> None:
 
 def test_stages_follow_the_algorithm_and_evaluation_needs() -> None:
     dpo = parse_config({"name": "t", "datasets": DATA, "algorithm": "dpo"})
-    dpo_no_rm = parse_config({"name": "t", "datasets": DATA, "algorithm": "dpo",
-                              "evaluation": {"reward_model": False}})
+    dpo_no_rm = parse_config({"name": "t", "datasets": DATA, "algorithm": "dpo", "evaluation": {"reward_model": False}})
     ppo = parse_config({"name": "t", "datasets": DATA, "algorithm": "ppo"})
 
     assert dpo.active_stages() == ["validate", "sft", "reward_model", "dpo", "evaluate"]
@@ -180,8 +189,9 @@ def test_reference_config_is_rendered_from_the_docstrings() -> None:
     from flows.config import render_reference_config
 
     shipped = (REPO / "configs" / "reference.yaml").read_text()
-    assert shipped == render_reference_config(), \
+    assert shipped == render_reference_config(), (
         "a config docstring changed: python -m flows.config --reference > configs/reference.yaml"
+    )
 
 
 def test_ppo_runs_the_guides_recipe_only_when_the_config_has_a_collect_section(tmp_path: Path) -> None:
@@ -189,16 +199,26 @@ def test_ppo_runs_the_guides_recipe_only_when_the_config_has_a_collect_section(t
     plain = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo"}))
     assert "collect" not in plain.active_stages()
     # With one, the RM learns on rankings of the SFT model's own samples (docs/pitfalls.md §12).
-    recipe = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo", "seed": 4,
-                                           "collect": {"judge": "gold"}}))
+    recipe = load_config(
+        _write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo", "seed": 4, "collect": {"judge": "gold"}})
+    )
     assert recipe.active_stages() == ["validate", "sft", "collect", "reward_model", "ppo", "evaluate"]
     assert recipe.collect.seed == 4 and recipe.collect.sampling.max_new_tokens == "auto"
     # DPO keeps its path; PPO on reward functions alone needs no reward model at all.
     dpo = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "collect": {"judge": "gold"}}))
     assert "collect" not in dpo.active_stages()
-    rules = load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo",
-                                          "evaluation": {"reward_model": False},
-                                          "ppo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}}}))
+    rules = load_config(
+        _write(
+            tmp_path,
+            {
+                "name": "t",
+                "datasets": DATA,
+                "algorithm": "ppo",
+                "evaluation": {"reward_model": False},
+                "ppo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}},
+            },
+        )
+    )
     assert rules.active_stages() == ["validate", "sft", "ppo", "evaluate"]
 
 
@@ -207,8 +227,17 @@ def test_no_tasks_judge_is_a_default(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, {"name": "t", "datasets": DATA}))
     assert cfg.evaluation.gold_judge is None and cfg.collect.judge is None
     with pytest.raises(ConfigError, match="collect.judge"):
-        load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "algorithm": "ppo",
-                                      "stages": ["validate", "sft", "collect", "reward_model", "ppo"]}))
+        load_config(
+            _write(
+                tmp_path,
+                {
+                    "name": "t",
+                    "datasets": DATA,
+                    "algorithm": "ppo",
+                    "stages": ["validate", "sft", "collect", "reward_model", "ppo"],
+                },
+            )
+        )
     with pytest.raises(ConfigError, match="module:function"):
         load_config(_write(tmp_path, {"name": "t", "datasets": DATA, "evaluation": {"gold_judge": "gold"}}))
     bundled = load_config("configs/quickstart.yaml")
@@ -218,11 +247,16 @@ def test_no_tasks_judge_is_a_default(tmp_path: Path) -> None:
 def test_grpo_and_rloo_train_section_grpo_and_need_the_rm_only_when_it_is_weighted(tmp_path: Path) -> None:
     base = {"name": "t", "datasets": {**DATA, "prompts_train": {"path": "p"}, "prompts_eval": {"path": "e"}}}
     rloo = load_config(_write(tmp_path, {**base, "algorithm": "rloo"}))
-    assert rloo.grpo.algorithm == "rloo" and "rloo" in rloo.active_stages() and rloo.required_upstream() == [
-        "reward_model", "sft", "validate"]
+    assert (
+        rloo.grpo.algorithm == "rloo"
+        and "rloo" in rloo.active_stages()
+        and rloo.required_upstream() == ["reward_model", "sft", "validate"]
+    )
     # Reward functions alone: no reward model needed by the policy (evaluation may still train one).
-    functions = {"grpo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}},
-                 "evaluation": {"reward_model": False}}
+    functions = {
+        "grpo": {"reward_model_weight": 0, "reward_functions": {"m:f": 1.0}},
+        "evaluation": {"reward_model": False},
+    }
     grpo = load_config(_write(tmp_path, {**base, "algorithm": "grpo", **functions}))
     assert grpo.active_stages() == ["validate", "sft", "grpo", "evaluate"] and grpo.grpo.algorithm == "grpo"
     with pytest.raises(ConfigError, match="grpo.algorithm is 'grpo' but algorithm is 'rloo'"):

@@ -60,8 +60,9 @@ class Prefect:
 
     def cli(self, *args: str, cwd: Path = REPO, timeout: float = 120) -> str:
         """Run `prefect …` against this server; return stdout, fail the test with the output on error."""
-        proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [PREFECT, "--no-prompt", *args], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
@@ -99,8 +100,7 @@ class Prefect:
 def background(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> Iterator[subprocess.Popen]:
     """Start `command` in its own process group; on exit SIGTERM the group, then SIGKILL what is left."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc
         finally:
@@ -185,8 +185,9 @@ def wait_for_terminal_state(prefect: Prefect, flow_run_id: str, timeout: float) 
     return wait_until(terminal, timeout, f"flow run {flow_run_id} to finish", interval=2.0)
 
 
-def serve_and_run(root: Path, deployment: str, parameters: dict, extra_env: dict[str, str], deadline: float,
-                  cwd: Path = REPO) -> tuple[dict, list[dict], str]:
+def serve_and_run(
+    root: Path, deployment: str, parameters: dict, extra_env: dict[str, str], deadline: float, cwd: Path = REPO
+) -> tuple[dict, list[dict], str]:
     """Server → work pool → deploy → worker → trigger → wait; returns (flow run, task runs, worker log)."""
     start = time.monotonic()
     with ExitStack() as stack:
@@ -196,8 +197,14 @@ def serve_and_run(root: Path, deployment: str, parameters: dict, extra_env: dict
         assert prefect.refused("POST", "/flow_runs/filter", csrf=False) == 403
         prefect.cli("work-pool", "create", POOL, "--type", "process", cwd=cwd)
         prefect.cli("deploy", "--name", deployment.split("/", 1)[1], cwd=cwd)
-        stack.enter_context(background([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
-                                        prefect.env, prefect.logs / "worker.log", cwd=cwd))
+        stack.enter_context(
+            background(
+                [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+                prefect.env,
+                prefect.logs / "worker.log",
+                cwd=cwd,
+            )
+        )
         flow_run_id = trigger(prefect, deployment, parameters)
         run = wait_for_terminal_state(prefect, flow_run_id, deadline - (time.monotonic() - start))
         worker_log = (prefect.logs / "worker.log").read_text(errors="replace")
@@ -211,8 +218,10 @@ def quick_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
     return [
         f"work_dir={tmp_path / 'work'}",
         f"tracking.tracking_uri={tracking_uri}",
-        *(f"datasets.{name}.limit={n}" for name, n in
-          (("demonstrations", 24), ("preferences", 24), ("prompts_train", 8), ("prompts_eval", 4))),
+        *(
+            f"datasets.{name}.limit={n}"
+            for name, n in (("demonstrations", 24), ("preferences", 24), ("prompts_train", 8), ("prompts_eval", 4))
+        ),
         "datasets.eval_fraction=0.25",
         "lengths.allow_truncation=true",  # short sequences on purpose: seconds per stage
         *(f"{stage}.{key}={value}" for stage in ("sft", "reward_model", "dpo") for key, value in small.items()),
@@ -230,8 +239,9 @@ def test_quickstart_deployment_runs_on_a_real_prefect_server(tmp_path: Path) -> 
     parameters = {"config_path": "configs/quickstart.yaml", "overrides": quick_overrides(tmp_path, tracking_uri)}
 
     # When: deployed from prefect.yaml and triggered like docs/deployment.md does.
-    run, task_runs, worker_log = serve_and_run(tmp_path, "rlhf-pipeline/quickstart", parameters,
-                                               {"MLFLOW_TRACKING_URI": tracking_uri}, DEADLINE_S)
+    run, task_runs, worker_log = serve_and_run(
+        tmp_path, "rlhf-pipeline/quickstart", parameters, {"MLFLOW_TRACKING_URI": tracking_uri}, DEADLINE_S
+    )
 
     # Then: the run completed with a task run per stage, and MLflow holds its parent run tagged with its id.
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n--- worker log ---\n{worker_log[-6000:]}"
@@ -240,10 +250,9 @@ def test_quickstart_deployment_runs_on_a_real_prefect_server(tmp_path: Path) -> 
     client = MlflowClient(tracking_uri)
     parents = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
+        filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'",
+    )
     assert len(parents) == 1 and parents[0].data.tags["rlhf.kind"] == "pipeline"
-
-
 
 
 @pytest.mark.slow
@@ -255,8 +264,14 @@ def test_rlhf_run_shows_each_stage_and_where_to_look(tmp_path: Path) -> None:
     # When `rlhf run` runs it, as its own process (Prefect's temporary server lives and dies with it).
     env = {**os.environ, "COLUMNS": "250", "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "configs/quickstart.yaml", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "configs/quickstart.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     # Then one progress line per stage, and the ids printed are those of the Prefect flow run and of the MLflow
     # parent run tagged with it.
@@ -288,8 +303,18 @@ def test_rlhf_ui_serves_the_local_store_on_localhost(tmp_path: Path) -> None:
             return None
 
     # When `rlhf ui` runs; then it answers on 127.0.0.1 with that store's experiments.
-    command = [sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--tracking-uri", uri,
-               "--artifact-root", (tmp_path / "art").as_uri()]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "ui",
+        "--port",
+        str(port),
+        "--tracking-uri",
+        uri,
+        "--artifact-root",
+        (tmp_path / "art").as_uri(),
+    ]
     with background(command, dict(os.environ), tmp_path / "ui.log") as proc:
         body = wait_until(lambda: experiment() or proc.poll() is not None, 120, "rlhf ui", interval=0.5)
         assert proc.poll() is None, (tmp_path / "ui.log").read_text()

@@ -25,8 +25,7 @@ def _demonstrations(n: int) -> list[dict]:
     return [
         {
             "prompt": f"Hello, {ISSUES[i % 4]}. Order {i}." + " Please." * (i % 3),
-            "response": f"I am sorry that {ISSUES[i % 4]}. I will fix order {i} today."
-            + " Thanks." * (i % 2),
+            "response": f"I am sorry that {ISSUES[i % 4]}. I will fix order {i} today." + " Thanks." * (i % 2),
         }
         for i in range(n)
     ]
@@ -78,9 +77,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tiny_model_dir: Path
     sft = train_sft(
         SFTConfig(**sft_kwargs), tiny_model_dir, demos[:12], demos[12:], tmp_path / "one" / "sft", sft_logger
     )
-    train_dpo(
-        DPOConfig(**dpo_kwargs), sft.model_dir, prefs[:12], prefs[12:], tmp_path / "one" / "dpo", dpo_logger
-    )
+    train_dpo(DPOConfig(**dpo_kwargs), sft.model_dir, prefs[:12], prefs[12:], tmp_path / "one" / "dpo", dpo_logger)
 
     sft_kwargs, dpo_kwargs = _configs(batch_size=2)
     spec = {

@@ -85,8 +85,9 @@ def test_the_prompt_once_per_pair_trains_like_two_whole_sequences(tiny_model_dir
     runs = {}
     for share in (True, False):
         logger = ListLogger()
-        result = train_dpo(_config(max_steps=6, share_prompt=share), tiny_model_dir, preferences(24), [],
-                           tmp_path / str(share), logger)
+        result = train_dpo(
+            _config(max_steps=6, share_prompt=share), tiny_model_dir, preferences(24), [], tmp_path / str(share), logger
+        )
         runs[share] = (logger, _weights(result.model_dir))
     for name in ("dpo/loss", "dpo/reward_margin"):
         assert runs[True][0].series(name) == pytest.approx(runs[False][0].series(name), abs=1e-4)
@@ -135,9 +136,7 @@ def test_a_pair_batch_gives_each_response_its_log_prob_from_a_separate_pass(
         chosen, rejected = pair_logps(model, collate_pairs(pairs, pad, torch.device("cpu"), share_prompt))
         for responses, joint in ((p.chosen for p in pairs), chosen), ((p.rejected for p in pairs), rejected):
             batch = collate_right_padded(list(responses), pad)
-            alone = sequence_logprobs(
-                model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-            )
+            alone = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
             torch.testing.assert_close(joint, alone, atol=1e-5, rtol=1e-6)
 
 

@@ -14,11 +14,29 @@ from rlhf_core.evaluation import evaluate_models, mean_and_stderr, win_rate
 from rlhf_core.generation import SamplingConfig
 from rlhf_core.models import reward_model_from_causal_lm
 
-PROMPTS = ["Where is my order?", "Reset my password", "I was charged twice", "Hi", "I want a refund",
-           "The app crashes", "Change my delivery address", "Thanks for the help"]
-NAMES = ["eval/rm_score", "eval/rm_score_stderr", "eval/gold_score", "eval/gold_score_stderr", "eval/kl_to_ref",
-         "eval/win_rate_rm", "eval/win_rate_gold", "eval/response_length", "eval/distinct_1", "eval/distinct_2",
-         "eval/no_eos_fraction"]
+PROMPTS = [
+    "Where is my order?",
+    "Reset my password",
+    "I was charged twice",
+    "Hi",
+    "I want a refund",
+    "The app crashes",
+    "Change my delivery address",
+    "Thanks for the help",
+]
+NAMES = [
+    "eval/rm_score",
+    "eval/rm_score_stderr",
+    "eval/gold_score",
+    "eval/gold_score_stderr",
+    "eval/kl_to_ref",
+    "eval/win_rate_rm",
+    "eval/win_rate_gold",
+    "eval/response_length",
+    "eval/distinct_1",
+    "eval/distinct_2",
+    "eval/no_eos_fraction",
+]
 SAMPLING = SamplingConfig(max_new_tokens=10, temperature=1.0)
 
 
@@ -59,9 +77,15 @@ def sharper_model_dir(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
 
 def test_a_model_against_itself_ties_with_zero_kl(tiny_model_dir, reward_model_dir):
     # Given the same model under two names, evaluated against itself as reference
-    report = evaluate_models({"a": tiny_model_dir, "b": tiny_model_dir}, PROMPTS, SAMPLING,
-                             reward_model_path=reward_model_dir, reference_model_path=tiny_model_dir,
-                             gold_fn=gold_words, seed=3)
+    report = evaluate_models(
+        {"a": tiny_model_dir, "b": tiny_model_dir},
+        PROMPTS,
+        SAMPLING,
+        reward_model_path=reward_model_dir,
+        reference_model_path=tiny_model_dir,
+        gold_fn=gold_words,
+        seed=3,
+    )
     a, b = report.metrics["a"], report.metrics["b"]
     # Then both get the same metric names, every one of them, with the same values
     assert sorted(a) == sorted(b) == sorted(NAMES)
@@ -73,12 +97,19 @@ def test_a_model_against_itself_ties_with_zero_kl(tiny_model_dir, reward_model_d
     assert report.baseline == "a" and [r["model"] for r in report.table()] == ["a", "b"]
 
 
-def test_metrics_of_two_models_are_the_arithmetic_of_their_samples(tiny_model_dir, sharper_model_dir,
-                                                                  reward_model_dir):
+def test_metrics_of_two_models_are_the_arithmetic_of_their_samples(tiny_model_dir, sharper_model_dir, reward_model_dir):
     # Given the base model and a sharper one, with the sharper one as baseline and the base as reference
-    report = evaluate_models({"base": tiny_model_dir, "sharp": sharper_model_dir}, [{"prompt": p} for p in PROMPTS],
-                             SAMPLING, reward_model_path=reward_model_dir, reference_model_path=tiny_model_dir,
-                             gold_fn=gold_words, baseline="sharp", seed=0, batch_size=3)
+    report = evaluate_models(
+        {"base": tiny_model_dir, "sharp": sharper_model_dir},
+        [{"prompt": p} for p in PROMPTS],
+        SAMPLING,
+        reward_model_path=reward_model_dir,
+        reference_model_path=tiny_model_dir,
+        gold_fn=gold_words,
+        baseline="sharp",
+        seed=0,
+        batch_size=3,
+    )
     rows = report.samples
     assert [row["prompt"] for row in rows] == PROMPTS
     for name in ("base", "sharp"):

@@ -76,17 +76,20 @@ def reward_model(tiny_model_dir):
 
 def _forward(model, exp, temperature=1.0):
     with torch.no_grad():
-        return response_forward(model, exp.prompt_ids, exp.prompt_attention_mask, exp.response_ids,
-                                exp.response_mask, temperature)
+        return response_forward(
+            model, exp.prompt_ids, exp.prompt_attention_mask, exp.response_ids, exp.response_mask, temperature
+        )
 
 
 def test_experience_equals_the_loss_functions_called_by_hand(policy, reference, reward_model, tiny_tokenizer):
     # Given a policy that differs from its reference, a reward model and a config using every shaping step
-    config = ExperienceConfig(max_new_tokens=10, kl_estimator="k3", gamma=0.9, gae_lambda=0.8,
-                              missing_eos_score=-2.0, score_clip=0.05)
+    config = ExperienceConfig(
+        max_new_tokens=10, kl_estimator="k3", gamma=0.9, gae_lambda=0.8, missing_eos_score=-2.0, score_clip=0.05
+    )
     # When one batch of experience is collected
-    exp = make_experience(policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config,
-                          kl_coef=0.3, seed=0)
+    exp = make_experience(
+        policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config, kl_coef=0.3, seed=0
+    )
     mask = exp.response_mask
     assert exp.ended_with_eos.any() and not exp.ended_with_eos.all()  # both branches of the no-EOS rule
 
@@ -111,14 +114,16 @@ def test_experience_equals_the_loss_functions_called_by_hand(policy, reference, 
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollout_logprobs_are_the_policys_own_and_kl_starts_at_zero(reference, reward_model, tiny_tokenizer,
-                                                                     temperature):
+def test_rollout_logprobs_are_the_policys_own_and_kl_starts_at_zero(
+    reference, reward_model, tiny_tokenizer, temperature
+):
     # Given a policy identical to its reference (the first PPO iteration)
     policy = PolicyWithValueHead(copy.deepcopy(reference), seed=0).eval()
     config = ExperienceConfig(max_new_tokens=12, temperature=temperature)
     # When experience is collected
-    exp = make_experience(policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config,
-                          kl_coef=0.1, seed=1)
+    exp = make_experience(
+        policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config, kl_coef=0.1, seed=1
+    )
     valid = exp.response_mask.bool()
     # Then the sampler's log-probs equal a fresh forward pass at the same temperature (docs/pitfalls.md §1) ...
     fresh = _forward(policy, exp, temperature).logprobs
@@ -132,8 +137,17 @@ def test_rollout_logprobs_are_the_policys_own_and_kl_starts_at_zero(reference, r
 
 def test_minibatch_select_drops_only_padding(policy, reference, reward_model, tiny_tokenizer):
     # Given a batch of experience with responses of different lengths
-    exp = make_experience(policy, policy.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS,
-                          ExperienceConfig(max_new_tokens=10), kl_coef=0.1, seed=2)
+    exp = make_experience(
+        policy,
+        policy.pretrained_model,
+        reference,
+        reward_model,
+        tiny_tokenizer,
+        PROMPTS,
+        ExperienceConfig(max_new_tokens=10),
+        kl_coef=0.1,
+        seed=2,
+    )
     rows = torch.tensor([3, 0])
     # When a minibatch of two rows is selected
     mb = exp.select(rows)
@@ -155,13 +169,16 @@ def test_shape_scores_normalises_then_clips_then_penalises_missing_eos():
     clip at 1 → [−1, −0.4472, 0.4472, 1]; the third response has no EOS → −2."""
     config = ExperienceConfig(score_norm="mean_std", score_clip=1.0, missing_eos_score=-2.0)
     moments = RunningMoments()
-    scores = shape_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([True, True, False, True]), config,
-                          moments)
+    scores = shape_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([True, True, False, True]), config, moments)
     z = 0.5 / math.sqrt(1.25)
     torch.testing.assert_close(scores, torch.tensor([-1.0, -z, -2.0, 1.0]), atol=1e-6, rtol=0)
     # "std" only rescales: s / σ
-    scores = shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]),
-                          ExperienceConfig(score_norm="std", missing_eos_score=None), RunningMoments())
+    scores = shape_scores(
+        torch.tensor([1.0, 3.0]),
+        torch.tensor([True, True]),
+        ExperienceConfig(score_norm="std", missing_eos_score=None),
+        RunningMoments(),
+    )
     torch.testing.assert_close(scores, torch.tensor([1.0, 3.0]), atol=1e-6, rtol=0)  # σ of [1, 3] is 1
 
 

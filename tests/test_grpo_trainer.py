@@ -23,9 +23,26 @@ from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
 RESPONSE_LEN = 8
 ROWS = [{"prompt": p} for p in ["Where is my order?", "Reset my password", "I was charged twice", "Hi"]]
 LETTERS = "helpers.rewards:letter_share"
-METRICS = ["score_mean", "score_std", "group_score_std", "zero_std_group_fraction", "kl", "ref_kl_per_token",
-           "clip_fraction", "approx_kl", "loss", "grad_norm", "response_length", "no_eos_fraction", "distinct_2",
-           "samples_per_sec", "tokens_per_sec", "peak_memory_mb", "time_generation_s", "time_update_s"]
+METRICS = [
+    "score_mean",
+    "score_std",
+    "group_score_std",
+    "zero_std_group_fraction",
+    "kl",
+    "ref_kl_per_token",
+    "clip_fraction",
+    "approx_kl",
+    "loss",
+    "grad_norm",
+    "response_length",
+    "no_eos_fraction",
+    "distinct_2",
+    "samples_per_sec",
+    "tokens_per_sec",
+    "peak_memory_mb",
+    "time_generation_s",
+    "time_update_s",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,9 +54,20 @@ def _one_thread():
 
 
 def _config(**overrides) -> GRPOConfig:
-    small = dict(max_steps=2, batch_size=4, prompts_per_iteration=2, num_samples_per_prompt=4, epochs=2,
-                 max_new_tokens=RESPONSE_LEN, missing_eos_score=None, learning_rate=3e-3, kl_coef=0.1,
-                 reward_model_weight=0.0, reward_functions={LETTERS: 1.0}, progress_bar=False)
+    small = dict(
+        max_steps=2,
+        batch_size=4,
+        prompts_per_iteration=2,
+        num_samples_per_prompt=4,
+        epochs=2,
+        max_new_tokens=RESPONSE_LEN,
+        missing_eos_score=None,
+        learning_rate=3e-3,
+        kl_coef=0.1,
+        reward_model_weight=0.0,
+        reward_functions={LETTERS: 1.0},
+        progress_bar=False,
+    )
     return GRPOConfig(**{**small, **overrides})
 
 
@@ -98,10 +126,16 @@ def test_one_micro_batch_or_eight_hand_the_optimizer_the_same_gradient(tiny_mode
     the weighting of rows of different lengths is checked by hand in test_group_advantages.py.)"""
     base = dict(max_steps=1, epochs=1, prompts_per_iteration=2, num_samples_per_prompt=4, loss_aggregation=level)
     results = {}
-    grads_one = captured_gradients(lambda: results.update(a=train_grpo(
-        _config(batch_size=8, grad_accum_steps=1, **base), tiny_model_dir, None, ROWS, tmp_path / "a")))
-    grads_eight = captured_gradients(lambda: results.update(b=train_grpo(
-        _config(batch_size=1, grad_accum_steps=8, **base), tiny_model_dir, None, ROWS, tmp_path / "b")))
+    grads_one = captured_gradients(
+        lambda: results.update(
+            a=train_grpo(_config(batch_size=8, grad_accum_steps=1, **base), tiny_model_dir, None, ROWS, tmp_path / "a")
+        )
+    )
+    grads_eight = captured_gradients(
+        lambda: results.update(
+            b=train_grpo(_config(batch_size=1, grad_accum_steps=8, **base), tiny_model_dir, None, ROWS, tmp_path / "b")
+        )
+    )
     assert len(grads_one) == len(grads_eight) == 1
     assert any(float(g.abs().max()) > 1e-4 for g in grads_one[0])  # a real gradient
     for g1, g8 in zip(grads_one[0], grads_eight[0], strict=True):

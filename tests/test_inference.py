@@ -11,8 +11,13 @@ from rlhf_core.generation import SamplingConfig, generate
 from rlhf_core.inference import chat_loop, generate_text, load_policy
 from rlhf_core.models import VALUE_HEAD_FILE, PolicyWithValueHead
 
-PROMPTS = ["Where is my order?", "Reset my password", [{"role": "user", "content": "Hi"}], "I want a refund",
-           "The app crashes"]
+PROMPTS = [
+    "Where is my order?",
+    "Reset my password",
+    [{"role": "user", "content": "Hi"}],
+    "I want a refund",
+    "The app crashes",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,17 +71,27 @@ def test_chat_loop_keeps_the_history_and_obeys_commands(policy):
     script = iter(["Where is my order?", "", "It is order 42.", "/reset", "Thanks", "/exit", "never read"])
     printed: list[str] = []
     # When a user types two turns, resets, types one more and exits
-    history = chat_loop(model, tokenizer, sampling, input_fn=lambda _: next(script), output_fn=printed.append,
-                        system_prompt="You are a support agent.")
+    history = chat_loop(
+        model,
+        tokenizer,
+        sampling,
+        input_fn=lambda _: next(script),
+        output_fn=printed.append,
+        system_prompt="You are a support agent.",
+    )
     # Then the history holds the system prompt and the turn after the reset only, and "never read" was not read
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
     assert history[1]["content"] == "Thanks" and next(script) == "never read"
     assert printed[2] == "(history cleared)" and len(printed) == 4
     # and the second answer was generated from the whole conversation, not from the last message alone
-    first_turn = [{"role": "system", "content": "You are a support agent."},
-                  {"role": "user", "content": "Where is my order?"}]
-    second_turn = first_turn + [{"role": "assistant", "content": printed[0]},
-                                {"role": "user", "content": "It is order 42."}]
+    first_turn = [
+        {"role": "system", "content": "You are a support agent."},
+        {"role": "user", "content": "Where is my order?"},
+    ]
+    second_turn = first_turn + [
+        {"role": "assistant", "content": printed[0]},
+        {"role": "user", "content": "It is order 42."},
+    ]
     assert printed[0] == generate_text(model, tokenizer, [first_turn], sampling)[0].strip()
     assert printed[1] == generate_text(model, tokenizer, [second_turn], sampling)[0].strip()
     assert printed[1] != generate_text(model, tokenizer, [second_turn[-1:]], sampling)[0].strip()
@@ -88,5 +103,7 @@ def test_chat_loop_ends_at_end_of_input(policy):
     def closed(_: str) -> str:
         raise EOFError
 
-    assert chat_loop(model, tokenizer, SamplingConfig(max_new_tokens=4, seed=0), input_fn=closed,
-                     output_fn=lambda _: None) == []
+    assert (
+        chat_loop(model, tokenizer, SamplingConfig(max_new_tokens=4, seed=0), input_fn=closed, output_fn=lambda _: None)
+        == []
+    )

@@ -52,8 +52,11 @@ WAIT_S = 15
 
 PROMPTS = [
     "My package arrived damaged. What now?",
-    [{"role": "user", "content": "I was charged twice."}, {"role": "assistant", "content": "Sorry! Which order?"},
-     {"role": "user", "content": "Order 1234."}],
+    [
+        {"role": "user", "content": "I was charged twice."},
+        {"role": "assistant", "content": "Sorry! Which order?"},
+        {"role": "user", "content": "Order 1234."},
+    ],
     "How do I reset my password?",
     "Do you ship internationally?",
     "The app keeps crashing.",
@@ -65,10 +68,16 @@ def _items() -> list[dict]:
     items = []
     for i, prompt in enumerate(PROMPTS):
         texts = [f"answer {c} to prompt {i}" for c in "ABCD"]
-        responses = [{"id": f"r{r}", "text": t, "ended_with_eos": not (i == 0 and r == 1)}
-                     for r, t in enumerate(texts)]
-        items.append({"item_id": item_id(i, prompt, texts), "prompt": prompt, "responses": responses,
-                      "model": "test", "sampling": {"seed": 0}})
+        responses = [{"id": f"r{r}", "text": t, "ended_with_eos": not (i == 0 and r == 1)} for r, t in enumerate(texts)]
+        items.append(
+            {
+                "item_id": item_id(i, prompt, texts),
+                "prompt": prompt,
+                "responses": responses,
+                "model": "test",
+                "sampling": {"seed": 0},
+            }
+        )
     return items
 
 
@@ -82,8 +91,9 @@ def task_file(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _request(url: str, payload: object = None, content_type: str = "application/json",
-             host: str | None = None) -> tuple[int, dict]:
+def _request(
+    url: str, payload: object = None, content_type: str = "application/json", host: str | None = None
+) -> tuple[int, dict]:
     data = None if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
     request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
     if data is not None:
@@ -113,19 +123,23 @@ def test_bad_and_partial_submissions_are_refused_with_a_clear_message(server) ->
     url = server.url + "api/answer"
     first = server.items[0]["item_id"]
     cases = {
-        "missing labeler": ({"item_id": first, "action": "rank", "order": ["r0", "r1", "r2", "r3"]},
-                            "missing labeler name"),
-        "bad labeler": ({"labeler": "../../etc", "item_id": first, "order": ["r0", "r1", "r2", "r3"]},
-                        "invalid labeler name"),
+        "missing labeler": (
+            {"item_id": first, "action": "rank", "order": ["r0", "r1", "r2", "r3"]},
+            "missing labeler name",
+        ),
+        "bad labeler": (
+            {"labeler": "../../etc", "item_id": first, "order": ["r0", "r1", "r2", "r3"]},
+            "invalid labeler name",
+        ),
         "unknown item": ({"labeler": "ann", "item_id": "00009-deadbeef00", "order": ["r0"]}, "unknown item id"),
         "partial": ({"labeler": "ann", "item_id": first, "order": ["r0", "r2"]}, "missing ['r1', 'r3']"),
-        "duplicate": ({"labeler": "ann", "item_id": first, "order": ["r0", "r0", "r1", "r2"]},
-                      "missing ['r3']; duplicated ['r0']"),
-        "unknown response": ({"labeler": "ann", "item_id": first, "order": ["r0", "r1", "r2", "r9"]},
-                             "unknown ['r9']"),
+        "duplicate": (
+            {"labeler": "ann", "item_id": first, "order": ["r0", "r0", "r1", "r2"]},
+            "missing ['r3']; duplicated ['r0']",
+        ),
+        "unknown response": ({"labeler": "ann", "item_id": first, "order": ["r0", "r1", "r2", "r9"]}, "unknown ['r9']"),
         "unknown action": ({"labeler": "ann", "item_id": first, "action": "maybe"}, "unknown action 'maybe'"),
-        "order on skip": ({"labeler": "ann", "item_id": first, "action": "skip", "order": ["r0"]},
-                          "takes no order"),
+        "order on skip": ({"labeler": "ann", "item_id": first, "action": "skip", "order": ["r0"]}, "takes no order"),
         "not an object": (["r0", "r1"], "must be a JSON object"),
     }
     for name, (payload, message) in cases.items():
@@ -150,16 +164,21 @@ def test_state_resumes_at_the_first_unanswered_item_and_the_last_answer_wins(ser
     answered again, then the later answer is the one merged."""
     items, url = server.items, server.url
     for index, order in ((0, ["r3", "r2", "r1", "r0"]), (2, ["r0", "r1", "r2", "r3"])):
-        status, body = _request(url + "api/answer", {"labeler": "ann", "item_id": items[index]["item_id"],
-                                                     "order": order})
+        status, body = _request(
+            url + "api/answer", {"labeler": "ann", "item_id": items[index]["item_id"], "order": order}
+        )
         assert status == 200 and body["saved"] is True
     state = _request(url + "api/state?labeler=ann")[1]
     assert (state["answered"], state["total"], state["item"]["index"]) == (2, 5, 1)
     assert [r["id"] for r in state["item"]["responses"]] == [r["id"] for r in display_order(items[1], "ann")]
     _request(url + "api/answer", {"labeler": "ann", "item_id": items[0]["item_id"], "order": ["r1", "r0", "r2", "r3"]})
     rows = collect_rankings(server.task_file, server.answers_dir)
-    assert rows[0]["responses"] == ["answer B to prompt 0", "answer A to prompt 0", "answer C to prompt 0",
-                                    "answer D to prompt 0"]
+    assert rows[0]["responses"] == [
+        "answer B to prompt 0",
+        "answer A to prompt 0",
+        "answer C to prompt 0",
+        "answer D to prompt 0",
+    ]
     assert len(rows) == 2
 
 
@@ -171,12 +190,13 @@ def test_concurrent_labelers_never_overwrite_each_other(server) -> None:
     def label(name: str, index_offset: int) -> None:
         for k in range(10):
             item = items[(k + index_offset) % len(items)]
-            status, _ = _request(server.url + "api/answer", {"labeler": name, "item_id": item["item_id"],
-                                                             "order": ["r0", "r1", "r2", "r3"]})
+            status, _ = _request(
+                server.url + "api/answer",
+                {"labeler": name, "item_id": item["item_id"], "order": ["r0", "r1", "r2", "r3"]},
+            )
             assert status == 200
 
-    threads = [threading.Thread(target=label, args=args) for args in
-               (("ann", 0), ("bob", 1), ("cy", 2), ("cy", 3))]
+    threads = [threading.Thread(target=label, args=args) for args in (("ann", 0), ("bob", 1), ("cy", 2), ("cy", 3))]
     for t in threads:
         t.start()
     for t in threads:
@@ -195,8 +215,9 @@ def test_a_torn_last_line_spoils_only_itself(server) -> None:
     path = server.answers_dir / "ann.jsonl"
     with open(path, "a") as handle:
         handle.write('{"item_id": "' + items[1]["item_id"] + '", "labeler": "ann", "act')
-    status, state = _request(server.url + "api/answer", {"labeler": "ann", "item_id": items[1]["item_id"],
-                                                         "action": "all_bad"})
+    status, state = _request(
+        server.url + "api/answer", {"labeler": "ann", "item_id": items[1]["item_id"], "action": "all_bad"}
+    )
     assert status == 200 and state["answered"] == 2
     assert [a["action"] for a in read_answers_file(path)] == ["skip", "all_bad"]
     assert len(path.read_text().splitlines()) == 3
@@ -205,12 +226,23 @@ def test_a_torn_last_line_spoils_only_itself(server) -> None:
 def test_skip_and_all_bad_give_no_ranking_row() -> None:
     """Given one ranked, one skipped and one all-bad item, then one ranking row (6 pairs) and the counts."""
     items = _items()
-    answers = [{"labeler": "ann", "item_id": items[0]["item_id"], "action": "rank", "order": ["r2", "r0", "r1", "r3"]},
-               {"labeler": "ann", "item_id": items[1]["item_id"], "action": "skip"},
-               {"labeler": "ann", "item_id": items[2]["item_id"], "action": "all_bad"}]
+    answers = [
+        {"labeler": "ann", "item_id": items[0]["item_id"], "action": "rank", "order": ["r2", "r0", "r1", "r3"]},
+        {"labeler": "ann", "item_id": items[1]["item_id"], "action": "skip"},
+        {"labeler": "ann", "item_id": items[2]["item_id"], "action": "all_bad"},
+    ]
     collected = rankings_from_answers(items, answers)
-    assert collected.rows == [{"prompt": PROMPTS[0], "responses": ["answer C to prompt 0", "answer A to prompt 0",
-                                                                   "answer B to prompt 0", "answer D to prompt 0"]}]
+    assert collected.rows == [
+        {
+            "prompt": PROMPTS[0],
+            "responses": [
+                "answer C to prompt 0",
+                "answer A to prompt 0",
+                "answer B to prompt 0",
+                "answer D to prompt 0",
+            ],
+        }
+    ]
     counts = collected.counts
     assert (counts["collect/pairs"], counts["collect/skipped"], counts["collect/all_bad"]) == (6.0, 1.0, 1.0)
     assert counts["collect/answered_items"] == 3.0
@@ -232,8 +264,9 @@ def _raw(server, request: bytes, timeout: float = 5.0) -> tuple[int, dict]:
 def _post(server, body: bytes, length: str | None = None) -> bytes:
     host = f"127.0.0.1:{server.server_port}"
     size = str(len(body)) if length is None else length
-    return (f"POST /api/answer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {size}\r\n\r\n").encode() + body
+    return (
+        f"POST /api/answer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    ).encode() + body
 
 
 def _answer(server, **changes: object) -> bytes:
@@ -277,14 +310,16 @@ def test_every_bad_request_gets_an_http_answer_and_the_server_goes_on(server, ca
 def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(server, monkeypatch) -> None:
     """Given a bug that raises inside the handler, then the page hears a JSON 500 (not a dropped connection)
     saying the answer was not saved, and the next request is served."""
+
     def broken(labeler: str) -> dict:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(server, "state", broken)
     status, body = _request(server.url + "api/state?labeler=ann")
     assert status == 500 and "RuntimeError" in body["error"]
-    status, body = _request(server.url + "api/answer", {"labeler": "ann", "item_id": server.items[0]["item_id"],
-                                                        "action": "skip"})
+    status, body = _request(
+        server.url + "api/answer", {"labeler": "ann", "item_id": server.items[0]["item_id"], "action": "skip"}
+    )
     assert status == 500 and "may NOT have been saved, submit it again" in body["error"]
     monkeypatch.undo()
     assert _request(server.url + "api/state?labeler=ann")[0] == 200
@@ -379,15 +414,24 @@ class ServerProcess:
     """`python -m flows.labeling_app` as a child process; `kill()` sends SIGKILL (no cleanup, like a crash)."""
 
     def __init__(self, task_file: Path, answers_dir: Path, port: int, log: Path) -> None:
-        self.args = [sys.executable, "-m", "flows.labeling_app", str(task_file), "--answers-dir", str(answers_dir),
-                     "--port", str(port)]
+        self.args = [
+            sys.executable,
+            "-m",
+            "flows.labeling_app",
+            str(task_file),
+            "--answers-dir",
+            str(answers_dir),
+            "--port",
+            str(port),
+        ]
         self.port, self.log = port, log
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -504,8 +548,12 @@ def test_a_person_ranks_in_a_real_browser_across_a_server_crash(browser, task_fi
         page.drag(1, 4)
         order = _moved(order, 1, 4)
         assert page.order() == order
-        assert [c.find_element(page.by.CSS_SELECTOR, ".rank").text.split("\n")[0] for c in page.cards()] == \
-            ["1", "2", "3", "4"]
+        assert [c.find_element(page.by.CSS_SELECTOR, ".rank").text.split("\n")[0] for c in page.cards()] == [
+            "1",
+            "2",
+            "3",
+            "4",
+        ]
         page.el("#submit").click()
         expected.append(("rank", order))
 
@@ -577,7 +625,9 @@ def test_a_person_ranks_in_a_real_browser_across_a_server_crash(browser, task_fi
     assert [a["order"] for a in read_answers_file(answers_dir / "bob.jsonl")] == [bob_order]
 
     text = {item["item_id"]: {r["id"]: r["text"] for r in item["responses"]} for item in items}
-    alice_rows = [{"prompt": items[i]["prompt"], "responses": [text[items[i]["item_id"]][r] for r in order]}
-                  for i, (_, order) in zip((0, 1, 3), [e for e in expected if e[0] == "rank"], strict=True)]
+    alice_rows = [
+        {"prompt": items[i]["prompt"], "responses": [text[items[i]["item_id"]][r] for r in order]}
+        for i, (_, order) in zip((0, 1, 3), [e for e in expected if e[0] == "rank"], strict=True)
+    ]
     bob_row = {"prompt": items[0]["prompt"], "responses": [text[items[0]["item_id"]][r] for r in bob_order]}
     assert collect_rankings(task_file, answers_dir) == [alice_rows[0], bob_row, alice_rows[1], alice_rows[2]]

@@ -57,9 +57,13 @@ def launch_config(root: Path, work: str, launch: dict) -> Path:
     config = pipeline_config(root)
     processes = launch.get("processes", 1)
     common = {"batch_size": GLOBAL_BATCH // processes, "checkpoint_every": 2}
-    config |= {"work_dir": str(root / work), "stages": ["validate", "sft", "dpo"], "launch": launch,
-               "sft": {**config["sft"], **common, "max_steps": SFT_STEPS, "eval_every": 4},
-               "dpo": {**config["dpo"], **common, "max_steps": DPO_STEPS, "eval_every": 2}}
+    config |= {
+        "work_dir": str(root / work),
+        "stages": ["validate", "sft", "dpo"],
+        "launch": launch,
+        "sft": {**config["sft"], **common, "max_steps": SFT_STEPS, "eval_every": 4},
+        "dpo": {**config["dpo"], **common, "max_steps": DPO_STEPS, "eval_every": 2},
+    }
     path = root / f"{work}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -102,12 +106,32 @@ def ray_cluster(root: Path) -> Iterator[str]:
     ray_cli = str(Path(sys.executable).with_name("ray"))
     # Ray's unix sockets live under --temp-dir, whose path must stay short (107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    command = [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-               "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
-               "--object-store-memory", str(100 * 2**20), "--temp-dir", temp_dir]
+    command = [
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--temp-dir",
+        temp_dir,
+    ]
     with open(root / "ray.log", "wb") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        head = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     try:
         deadline = time.monotonic() + 90
         while subprocess.run([ray_cli, "status", "--address", address], capture_output=True).returncode != 0:
@@ -148,8 +172,10 @@ def curves(result: PipelineResult, stage: str) -> dict[str, list[float]]:
     """Every compared metric of the stage's MLflow run, in step order."""
     client = MlflowClient(tracking_uri=result.tracking_uri)
     run_id = result.stages[stage].run_id
-    return {name: [m.value for m in sorted(client.get_metric_history(run_id, f"{stage}/{name}"),
-                                           key=lambda m: m.step)] for name in CURVES[stage]}
+    return {
+        name: [m.value for m in sorted(client.get_metric_history(run_id, f"{stage}/{name}"), key=lambda m: m.step)]
+        for name in CURVES[stage]
+    }
 
 
 def assert_same_curves(result: PipelineResult, reference: PipelineResult) -> None:
@@ -158,8 +184,9 @@ def assert_same_curves(result: PipelineResult, reference: PipelineResult) -> Non
         assert len(expected["loss"]) == (SFT_STEPS if stage == "sft" else DPO_STEPS)
         for name, values in expected.items():
             assert values, f"{stage}/{name} was not logged"
-            torch.testing.assert_close(got[name], values, atol=1e-4, rtol=0,
-                                       msg=lambda m, s=stage, n=name: f"{s}/{n}: {m}")
+            torch.testing.assert_close(
+                got[name], values, atol=1e-4, rtol=0, msg=lambda m, s=stage, n=name: f"{s}/{n}: {m}"
+            )
 
 
 def assert_one_run_per_stage(result: PipelineResult, backend: str) -> None:
@@ -173,16 +200,18 @@ def assert_one_run_per_stage(result: PipelineResult, backend: str) -> None:
         assert params[f"{stage}.launch.processes"] == "2" and params[f"{stage}.launch.backend"] == backend
 
 
-def test_two_accelerate_processes_follow_the_one_process_curves(one_process: PipelineResult,
-                                                                two_processes: PipelineResult) -> None:
+def test_two_accelerate_processes_follow_the_one_process_curves(
+    one_process: PipelineResult, two_processes: PipelineResult
+) -> None:
     assert two_processes.executed() == ["validate", "sft", "dpo"]
     assert_same_curves(two_processes, one_process)
     assert_one_run_per_stage(two_processes, "accelerate")
     assert two_processes.stages["sft"].cache_key != one_process.stages["sft"].cache_key
 
 
-def test_two_ray_workers_follow_the_one_process_curves(root: Path, one_process: PipelineResult,
-                                                       ray_cluster: str) -> None:
+def test_two_ray_workers_follow_the_one_process_curves(
+    root: Path, one_process: PipelineResult, ray_cluster: str
+) -> None:
     config = launch_config(root, "ray", {"backend": "ray", "processes": 2, "ray_address": ray_cluster})
     result = rlhf_pipeline(str(config))
     assert_same_curves(result, one_process)
@@ -245,24 +274,30 @@ def test_a_dead_rank_fails_the_stage_with_its_rank_named(root: Path) -> None:
     [stage_dir] = glob.glob(str(root / "killed" / "stages" / "sft-*"))
     assert not (Path(stage_dir) / "pointer.json").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'killed' / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("rlhf-test").experiment_id],
-                               "tags.rlhf.stage = 'sft'")
+    [run] = client.search_runs([client.get_experiment_by_name("rlhf-test").experiment_id], "tags.rlhf.stage = 'sft'")
     assert run.info.status == "FAILED"
 
 
 def test_a_killed_two_process_stage_resumes_to_the_uninterrupted_weights(
-        root: Path, two_processes: PipelineResult, prefect_api: str) -> None:
+    root: Path, two_processes: PipelineResult, prefect_api: str
+) -> None:
     config = launch_config(root, "killed", {"processes": 2})
 
     before = newest_checkpoint(root, "killed")  # left by the dead rank's run, if it ran first
 
     # Given a real pipeline process, SIGKILLed with its process group once its 2-process SFT wrote a checkpoint.
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", str(config), *ONLY_SFT], cwd=REPO,
-                            env=clean_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", str(config), *ONLY_SFT],
+        cwd=REPO,
+        env=clean_env(prefect_api),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: newest_checkpoint(root, "killed") > before or proc.poll() is not None, 240,
-                 "a new SFT checkpoint")
+        wait_for(
+            lambda: newest_checkpoint(root, "killed") > before or proc.poll() is not None, 240, "a new SFT checkpoint"
+        )
         assert proc.poll() is None, "the pipeline ended before SFT wrote a checkpoint"
         killed_at = newest_checkpoint(root, "killed")
         pids = rank_pids(root, "killed")

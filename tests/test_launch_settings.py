@@ -42,9 +42,16 @@ def test_ppo_cannot_be_named_under_launch_stages() -> None:
 
 def test_the_launch_enters_the_cache_key_only_out_of_process(tmp_path: Path) -> None:
     sft = parse_config(config({})).sft
-    settings = {name: parse_config(config(launch)).launch.for_stage("sft") for name, launch in {
-        "default": {}, "two": {"processes": 2}, "four": {"processes": 4}, "ray": {"backend": "ray", "processes": 2},
-        "ray_elsewhere": {"backend": "ray", "processes": 2, "ray_address": "10.0.0.1:6379"}}.items()}
+    settings = {
+        name: parse_config(config(launch)).launch.for_stage("sft")
+        for name, launch in {
+            "default": {},
+            "two": {"processes": 2},
+            "four": {"processes": 4},
+            "ray": {"backend": "ray", "processes": 2},
+            "ray_elsewhere": {"backend": "ray", "processes": 2, "ray_address": "10.0.0.1:6379"},
+        }.items()
+    }
 
     def key(name: str) -> str:
         return cache_key("sft", stage_key_config(sft, settings[name]), {}, {}, "v")
@@ -67,8 +74,9 @@ def test_the_launch_enters_the_cache_key_only_out_of_process(tmp_path: Path) -> 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo"])
 def test_a_trainer_config_survives_the_json_spec(stage: str, tmp_path: Path) -> None:
     config_cls, _ = trainers()[stage]
-    original = config_cls(max_steps=7, batch_size=3, lora=LoRAConfig(r=4, target_modules=("q_proj", "v_proj")),
-                          max_prompt_len=32)
+    original = config_cls(
+        max_steps=7, batch_size=3, lora=LoRAConfig(r=4, target_modules=("q_proj", "v_proj")), max_prompt_len=32
+    )
     spec = LaunchSpec(stage, asdict(original), "m", "t.jsonl", "e.jsonl", "out", str(tmp_path))
     read = LaunchSpec.read(spec.write())
     assert config_from_dict(config_cls, json.loads(json.dumps(read.config))) == original
@@ -80,7 +88,8 @@ def test_the_launchers(tmp_path: Path) -> None:
     assert accelerate[1:3] == ["-m", "accelerate.commands.launch"]
     assert accelerate[accelerate.index("--num_processes") + 1] == "3" and "--multi_gpu" in accelerate
     assert accelerate[-3:] == ["-m", "rlhf_core.launch_worker", str(spec)]
-    ray = launcher_command(parse_config(config({"backend": "ray", "processes": 2, "ray_address": "h:1"}))
-                           .launch.for_stage("dpo"), spec)
+    ray = launcher_command(
+        parse_config(config({"backend": "ray", "processes": 2, "ray_address": "h:1"})).launch.for_stage("dpo"), spec
+    )
     assert ray[1:4] == ["-m", "tasks.ray_driver", str(spec)]
     assert ray[ray.index("--address") + 1] == "h:1" and ray[ray.index("--processes") + 1] == "2"

@@ -32,6 +32,8 @@ def _imported_top_levels(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_a_layer_imports_nothing_above_it(layer: str) -> None:
-    offenders = {str(path.relative_to(REPO)): sorted(_imported_top_levels(path) & FORBIDDEN[layer])
-                 for path in sorted((REPO / layer).rglob("*.py"))}
+    offenders = {
+        str(path.relative_to(REPO)): sorted(_imported_top_levels(path) & FORBIDDEN[layer])
+        for path in sorted((REPO / layer).rglob("*.py"))
+    }
     assert {k: v for k, v in offenders.items() if v} == {}

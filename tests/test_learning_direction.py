@@ -53,8 +53,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def sft_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base fine-tuned on the bundled demonstrations (lengths `auto`: every target keeps its EOS)."""
-    config = SFTConfig(max_steps=160, batch_size=16, learning_rate=3e-3, warmup_steps=16, lr_schedule="cosine",
-                       progress_bar=False)
+    config = SFTConfig(
+        max_steps=160, batch_size=16, learning_rate=3e-3, warmup_steps=16, lr_schedule="cosine", progress_bar=False
+    )
     out = tmp_path_factory.mktemp("sft")
     return train_sft(config, tiny_model_dir, _rows("demonstrations.jsonl"), [], out).model_dir
 
@@ -63,8 +64,16 @@ def _paired_gold_gain(sft: Path, policy: Path) -> tuple[float, float, dict]:
     """Mean gold-score gain of `policy` over `sft` on held-out prompts and its standard error (paired by
     prompt, same sampling seed), plus the policy's metrics."""
     prompts = _rows("prompts_eval.jsonl")[:EVAL_PROMPTS]
-    report = evaluate_models({"sft": sft, "policy": policy}, prompts, SAMPLING, gold_fn=gold_score,
-                             reference_model_path=sft, baseline="sft", seed=1, batch_size=16)
+    report = evaluate_models(
+        {"sft": sft, "policy": policy},
+        prompts,
+        SAMPLING,
+        gold_fn=gold_score,
+        reference_model_path=sft,
+        baseline="sft",
+        seed=1,
+        batch_size=16,
+    )
     rows = report.samples
     gains = [r["policy/gold_score"] - r["sft/gold_score"] for r in rows]
     # Recomputed from the texts: the gold scores in the table are the judge's on the decoded responses.
@@ -75,9 +84,18 @@ def _paired_gold_gain(sft: Path, policy: Path) -> tuple[float, float, dict]:
 
 
 def test_ppo_with_the_gold_judge_as_reward_raises_the_gold_score(sft_model: Path, tmp_path: Path) -> None:
-    config = PPOConfig(max_steps=12, batch_size=8, rollout_batch_size=32, ppo_epochs=2, learning_rate=1e-4,
-                       kl_coef=0.02, max_new_tokens=120, reward_model_weight=0.0, reward_functions={GOLD: 1.0},
-                       progress_bar=False)
+    config = PPOConfig(
+        max_steps=12,
+        batch_size=8,
+        rollout_batch_size=32,
+        ppo_epochs=2,
+        learning_rate=1e-4,
+        kl_coef=0.02,
+        max_new_tokens=120,
+        reward_model_weight=0.0,
+        reward_functions={GOLD: 1.0},
+        progress_bar=False,
+    )
     result = train_ppo(config, sft_model, None, _rows("prompts_train.jsonl"), tmp_path / "ppo")
     gain, stderr, metrics = _paired_gold_gain(sft_model, result.model_dir)
     assert gain >= 2 * stderr and gain > 0, (gain, stderr, metrics)
@@ -85,11 +103,23 @@ def test_ppo_with_the_gold_judge_as_reward_raises_the_gold_score(sft_model: Path
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_grpo_and_rloo_with_the_gold_judge_as_reward_raise_the_gold_score(sft_model: Path, tmp_path: Path,
-                                                                          algorithm: str) -> None:
-    config = GRPOConfig(algorithm=algorithm, max_steps=12, batch_size=8, prompts_per_iteration=8,
-                        num_samples_per_prompt=4, epochs=2, learning_rate=1e-4, kl_coef=0.02, max_new_tokens=120,
-                        reward_model_weight=0.0, reward_functions={GOLD: 1.0}, progress_bar=False)
+def test_grpo_and_rloo_with_the_gold_judge_as_reward_raise_the_gold_score(
+    sft_model: Path, tmp_path: Path, algorithm: str
+) -> None:
+    config = GRPOConfig(
+        algorithm=algorithm,
+        max_steps=12,
+        batch_size=8,
+        prompts_per_iteration=8,
+        num_samples_per_prompt=4,
+        epochs=2,
+        learning_rate=1e-4,
+        kl_coef=0.02,
+        max_new_tokens=120,
+        reward_model_weight=0.0,
+        reward_functions={GOLD: 1.0},
+        progress_bar=False,
+    )
     result = train_grpo(config, sft_model, None, _rows("prompts_train.jsonl"), tmp_path / algorithm)
     gain, stderr, metrics = _paired_gold_gain(sft_model, result.model_dir)
     assert gain >= 2 * stderr and gain > 0, (gain, stderr, metrics)
@@ -105,10 +135,22 @@ def test_dpo_on_the_bundled_pairs_raises_the_gold_score(sft_model: Path, tmp_pat
 
 def test_ppo_stops_when_every_rollout_is_cut_before_eos(sft_model: Path, tmp_path: Path) -> None:
     # 8 new tokens: no reply of the bundled task ends that soon, so the no-EOS penalty replaces every score.
-    config = PPOConfig(max_steps=5, batch_size=8, rollout_batch_size=16, max_new_tokens=8, reward_model_weight=0.0,
-                       reward_functions={GOLD: 1.0}, progress_bar=False)
+    config = PPOConfig(
+        max_steps=5,
+        batch_size=8,
+        rollout_batch_size=16,
+        max_new_tokens=8,
+        reward_model_weight=0.0,
+        reward_functions={GOLD: 1.0},
+        progress_bar=False,
+    )
     with pytest.raises(DeadSignalError, match=r"never emitted the end-of-turn token within max_new_tokens=8"):
         train_ppo(config, sft_model, None, _rows("prompts_train.jsonl")[:32], tmp_path / "ppo")
     with pytest.warns(UserWarning, match="PPO cannot learn"):
-        train_ppo(replace(config, max_steps=2, dead_signal="warn"), sft_model, None,
-                  _rows("prompts_train.jsonl")[:32], tmp_path / "ppo-warn")
+        train_ppo(
+            replace(config, max_steps=2, dead_signal="warn"),
+            sft_model,
+            None,
+            _rows("prompts_train.jsonl")[:32],
+            tmp_path / "ppo-warn",
+        )

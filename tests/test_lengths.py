@@ -59,8 +59,9 @@ def test_auto_resolves_to_the_covered_length_with_headroom_for_sampling() -> Non
         max_prompt_len: object
         sampling: SamplingConfig
 
-    holder = resolve_lengths(Holder("auto", SamplingConfig(max_new_tokens="auto")), prompts, TWENTY,
-                             LengthPolicy(sampling_headroom=1.25))
+    holder = resolve_lengths(
+        Holder("auto", SamplingConfig(max_new_tokens="auto")), prompts, TWENTY, LengthPolicy(sampling_headroom=1.25)
+    )
     # 19 × 1.25 = 23.75 → 24 (ceil): a sampling limit leaves room beyond the covered length.
     assert holder.sampling.max_new_tokens == 24 and holder.max_prompt_len == 30
 
@@ -81,8 +82,10 @@ def test_an_explicit_limit_that_cuts_the_data_stops_with_the_numbers() -> None:
 
 
 def test_measured_lengths_are_the_trainers_encodings(tiny_tokenizer) -> None:
-    rows = [{"prompt": "My order is late.", "response": "Sorry about that, I will check it now."},
-            {"prompt": [{"role": "user", "content": "Refund please"}], "response": "Done."}]
+    rows = [
+        {"prompt": "My order is late.", "response": "Sorry about that, I will check it now."},
+        {"prompt": [{"role": "user", "content": "Refund please"}], "response": "Done."},
+    ]
     stats = measure_lengths(tiny_tokenizer, rows, "demonstration")
     encoded = [encode_prompt_response(tiny_tokenizer, r["prompt"], r["response"]) for r in rows]
     assert stats["prompt"] == LengthStats.of(len(e.prompt_ids) for e in encoded)

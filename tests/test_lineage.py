@@ -39,12 +39,21 @@ class Store:
     dpo: str
 
 
-def _stage_run(client: MlflowClient, exp: str, parent: str, stage: str, tags: dict[str, str],
-               params: dict[str, str]) -> str:
-    run = client.create_run(exp, run_name=stage, tags={
-        "rlhf.kind": "stage", "rlhf.stage": stage, "mlflow.parentRunId": parent,
-        "rlhf.cache_key": f"key-{stage}", "rlhf.code_version": "0.1.0+test", **tags,
-    })
+def _stage_run(
+    client: MlflowClient, exp: str, parent: str, stage: str, tags: dict[str, str], params: dict[str, str]
+) -> str:
+    run = client.create_run(
+        exp,
+        run_name=stage,
+        tags={
+            "rlhf.kind": "stage",
+            "rlhf.stage": stage,
+            "mlflow.parentRunId": parent,
+            "rlhf.cache_key": f"key-{stage}",
+            "rlhf.code_version": "0.1.0+test",
+            **tags,
+        },
+    )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
@@ -57,31 +66,58 @@ def build_store(root: Path) -> Store:
     # The registry too, explicitly: otherwise it is the process-wide one (which a pipeline run may have set).
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("lineage-test", artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(exp, run_name="pipeline", tags={
-        "rlhf.kind": "pipeline", "rlhf.pipeline": "quickstart", "rlhf.config_hash": "cfg-hash-123",
-        "prefect.flow_run_id": "flow-run-42",
-    }).info.run_id
-    validate = _stage_run(client, exp, parent, "validate",
-                          {f"rlhf.data.{name}.digest": digest for name, digest in DIGESTS.items()},
-                          {"validate.kinds": "demonstration,preference,prompt"})
-    sft = _stage_run(client, exp, parent, "sft", {
-        "rlhf.upstream.validate.run_id": validate,
-        "rlhf.upstream.base.model_uri": BASE_MODEL,
-        "rlhf.base_model": BASE_MODEL,
-        "rlhf.data.sft_train.digest": DIGESTS["sft_train"],
-    }, {"sft.learning_rate": "0.0003", "sft.max_steps": "40"})
+    parent = client.create_run(
+        exp,
+        run_name="pipeline",
+        tags={
+            "rlhf.kind": "pipeline",
+            "rlhf.pipeline": "quickstart",
+            "rlhf.config_hash": "cfg-hash-123",
+            "prefect.flow_run_id": "flow-run-42",
+        },
+    ).info.run_id
+    validate = _stage_run(
+        client,
+        exp,
+        parent,
+        "validate",
+        {f"rlhf.data.{name}.digest": digest for name, digest in DIGESTS.items()},
+        {"validate.kinds": "demonstration,preference,prompt"},
+    )
+    sft = _stage_run(
+        client,
+        exp,
+        parent,
+        "sft",
+        {
+            "rlhf.upstream.validate.run_id": validate,
+            "rlhf.upstream.base.model_uri": BASE_MODEL,
+            "rlhf.base_model": BASE_MODEL,
+            "rlhf.data.sft_train.digest": DIGESTS["sft_train"],
+        },
+        {"sft.learning_rate": "0.0003", "sft.max_steps": "40"},
+    )
     # The dataset input adds MLflow's own record (source, context) next to our digest tag.
-    dataset = from_pandas(pd.DataFrame({"prompt": ["hi"], "response": ["hello"]}), source="data/sft.jsonl",
-                          name="sft_train")
-    client.log_inputs(sft, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                  tags=[InputTag("mlflow.data.context", "training")])])
-    dpo = _stage_run(client, exp, parent, "dpo", {
-        "rlhf.upstream.sft.run_id": sft,
-        "rlhf.upstream.sft.model_uri": f"runs:/{sft}/model",
-        "rlhf.upstream.reference.run_id": sft,
-        "rlhf.upstream.reference.model_uri": f"runs:/{sft}/model",
-        "rlhf.data.preference_train.digest": DIGESTS["preference_train"],
-    }, {"dpo.dpo_beta": "0.1", "dpo.learning_rate": "1e-05"})
+    dataset = from_pandas(
+        pd.DataFrame({"prompt": ["hi"], "response": ["hello"]}), source="data/sft.jsonl", name="sft_train"
+    )
+    client.log_inputs(
+        sft, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])]
+    )
+    dpo = _stage_run(
+        client,
+        exp,
+        parent,
+        "dpo",
+        {
+            "rlhf.upstream.sft.run_id": sft,
+            "rlhf.upstream.sft.model_uri": f"runs:/{sft}/model",
+            "rlhf.upstream.reference.run_id": sft,
+            "rlhf.upstream.reference.model_uri": f"runs:/{sft}/model",
+            "rlhf.data.preference_train.digest": DIGESTS["preference_train"],
+        },
+        {"dpo.dpo_beta": "0.1", "dpo.learning_rate": "1e-05"},
+    )
     client.create_registered_model("rlhf-policy")
     version = client.create_model_version("rlhf-policy", f"runs:/{dpo}/model", run_id=dpo)
     client.set_registered_model_alias("rlhf-policy", "candidate", version.version)
@@ -104,7 +140,10 @@ def test_walk_from_registered_alias_reaches_every_digest_config_and_the_base_mod
     assert (dpo.kind, dpo.stage, dpo.run_id) == ("run", "dpo", store.dpo)
     assert dpo.params == {"dpo.dpo_beta": "0.1", "dpo.learning_rate": "1e-05"}
     assert (dpo.pipeline_run_id, dpo.pipeline_config_hash, dpo.flow_run_id) == (
-        store.parent, "cfg-hash-123", "flow-run-42")
+        store.parent,
+        "cfg-hash-123",
+        "flow-run-42",
+    )
 
     # The DPO run has two upstream roles, both the SFT run, each walked back to validation and the base model.
     assert [(c.role, c.run_id) for c in dpo.children] == [("reference", store.sft), ("sft", store.sft)]
@@ -113,7 +152,11 @@ def test_walk_from_registered_alias_reaches_every_digest_config_and_the_base_mod
     assert sft.model_uri == f"runs:/{store.sft}/model" and sft.base_model == BASE_MODEL
     (sft_data,) = sft.datasets
     assert (sft_data.name, sft_data.digest, sft_data.source, sft_data.context) == (
-        "sft_train", DIGESTS["sft_train"], "data/sft.jsonl", "training")
+        "sft_train",
+        DIGESTS["sft_train"],
+        "data/sft.jsonl",
+        "training",
+    )
     base, validate = sft.children
     assert (base.kind, base.role, base.model_uri) == ("base_model", "base", BASE_MODEL)
     assert (validate.stage, validate.run_id, validate.children) == ("validate", store.validate, [])
@@ -145,11 +188,18 @@ def test_every_uri_form_starts_the_same_walk(store: Store) -> None:
 def test_missing_upstream_run_is_reported_with_role_and_id(store: Store) -> None:
     # Given a PPO run whose reward-model pointer names a run that was never written.
     exp = store.client.get_run(store.dpo).info.experiment_id
-    ppo = _stage_run(store.client, exp, store.parent, "ppo", {
-        "rlhf.upstream.policy.run_id": store.sft,
-        "rlhf.upstream.reward_model.run_id": NEVER_WRITTEN,
-        "rlhf.upstream.reward_model.model_uri": f"runs:/{NEVER_WRITTEN}/model",
-    }, {"ppo.kl_coef": "0.05"})
+    ppo = _stage_run(
+        store.client,
+        exp,
+        store.parent,
+        "ppo",
+        {
+            "rlhf.upstream.policy.run_id": store.sft,
+            "rlhf.upstream.reward_model.run_id": NEVER_WRITTEN,
+            "rlhf.upstream.reward_model.model_uri": f"runs:/{NEVER_WRITTEN}/model",
+        },
+        {"ppo.kl_coef": "0.05"},
+    )
 
     tree = walk_lineage(f"runs:/{ppo}/model", store.client)
 

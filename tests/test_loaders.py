@@ -45,10 +45,14 @@ def failures_of(source: Any, kind: str, **kwargs: Any) -> list[Failure]:
 # Formats users already have
 # --------------------------------------------------------------------------------------------------------------
 
-HH_CHOSEN = ("\n\nHuman: My kettle arrived broken.\n\nAssistant: I'm sorry! Do you have the order number?"
-             "\n\nHuman: It's #55120.\n\nAssistant: Thanks, I've sent a replacement for order #55120.")
-HH_REJECTED = ("\n\nHuman: My kettle arrived broken.\n\nAssistant: I'm sorry! Do you have the order number?"
-               "\n\nHuman: It's #55120.\n\nAssistant: Kettles break.")
+HH_CHOSEN = (
+    "\n\nHuman: My kettle arrived broken.\n\nAssistant: I'm sorry! Do you have the order number?"
+    "\n\nHuman: It's #55120.\n\nAssistant: Thanks, I've sent a replacement for order #55120."
+)
+HH_REJECTED = (
+    "\n\nHuman: My kettle arrived broken.\n\nAssistant: I'm sorry! Do you have the order number?"
+    "\n\nHuman: It's #55120.\n\nAssistant: Kettles break."
+)
 
 
 def test_hh_rlhf_transcripts_split_into_shared_prompt_and_final_replies(tmp_path: Path) -> None:
@@ -57,26 +61,37 @@ def test_hh_rlhf_transcripts_split_into_shared_prompt_and_final_replies(tmp_path
     loaded = load_rows(path, "preference")
     # Then the shared turns become the prompt (messages) and the replies become chosen / rejected.
     assert loaded.format == "hh-rlhf"
-    assert loaded.rows == [{
-        "prompt": [{"role": "user", "content": "My kettle arrived broken."},
-                   {"role": "assistant", "content": "I'm sorry! Do you have the order number?"},
-                   {"role": "user", "content": "It's #55120."}],
-        "chosen": [{"role": "assistant", "content": "Thanks, I've sent a replacement for order #55120."}],
-        "rejected": [{"role": "assistant", "content": "Kettles break."}],
-    }]
+    assert loaded.rows == [
+        {
+            "prompt": [
+                {"role": "user", "content": "My kettle arrived broken."},
+                {"role": "assistant", "content": "I'm sorry! Do you have the order number?"},
+                {"role": "user", "content": "It's #55120."},
+            ],
+            "chosen": [{"role": "assistant", "content": "Thanks, I've sent a replacement for order #55120."}],
+            "rejected": [{"role": "assistant", "content": "Kettles break."}],
+        }
+    ]
 
 
 def test_hh_rlhf_transcripts_without_a_shared_prefix_are_rejected_at_their_row(tmp_path: Path) -> None:
     other = "\n\nHuman: My kettle arrived late.\n\nAssistant: Sorry, I've expedited it."
-    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, {"chosen": HH_CHOSEN, "rejected": other},
-            {"chosen": "Human said hi", "rejected": HH_REJECTED},
-            {"chosen": HH_CHOSEN + "\n\nHuman: ok?", "rejected": HH_REJECTED}]
+    rows = [
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+        {"chosen": HH_CHOSEN, "rejected": other},
+        {"chosen": "Human said hi", "rejected": HH_REJECTED},
+        {"chosen": HH_CHOSEN + "\n\nHuman: ok?", "rejected": HH_REJECTED},
+    ]
     failures = failures_of(write_jsonl(tmp_path / "hh.jsonl", rows), "preference")
     assert [(f.row, f.line, f.column, f.rule) for f in failures] == [
-        (2, 2, "chosen, rejected", "hh_rlhf_transcript"), (3, 3, "chosen", "hh_rlhf_transcript"),
-        (4, 4, "chosen", "hh_rlhf_transcript")]
-    assert failures[0].message == ("chosen and rejected do not share a prompt: they differ at turn 0, before their "
-                                   "final assistant replies (hh-rlhf format)")
+        (2, 2, "chosen, rejected", "hh_rlhf_transcript"),
+        (3, 3, "chosen", "hh_rlhf_transcript"),
+        (4, 4, "chosen", "hh_rlhf_transcript"),
+    ]
+    assert failures[0].message == (
+        "chosen and rejected do not share a prompt: they differ at turn 0, before their "
+        "final assistant replies (hh-rlhf format)"
+    )
     assert failures[1].message.startswith('not an HH-RLHF transcript: expected "\\n\\nHuman: …')
     assert failures[1].value == '"Human said hi"'
     assert failures[2].message == "the conversation must end with an assistant reply (hh-rlhf format)"
@@ -84,36 +99,62 @@ def test_hh_rlhf_transcripts_without_a_shared_prefix_are_rejected_at_their_row(t
 
 def test_parse_hh_transcript_tolerates_a_missing_leading_blank_line() -> None:
     assert parse_hh_transcript("Human: hi\n\nAssistant: hello") == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
 
 
 def test_trl_standard_and_conversational_prompt_completion_become_demonstrations(tmp_path: Path) -> None:
-    rows = [{"prompt": "Where is my order?", "completion": "Let me check order #48213."},
-            {"prompt": [{"role": "user", "content": "Refund please"}],
-             "completion": [{"role": "assistant", "content": "I've refunded $20.00."}]}]
+    rows = [
+        {"prompt": "Where is my order?", "completion": "Let me check order #48213."},
+        {
+            "prompt": [{"role": "user", "content": "Refund please"}],
+            "completion": [{"role": "assistant", "content": "I've refunded $20.00."}],
+        },
+    ]
     loaded = load_rows(write_jsonl(tmp_path / "sft.jsonl", rows), "demonstration")
     assert loaded.format == "trl"
-    assert loaded.rows == [{"prompt": "Where is my order?", "response": "Let me check order #48213."},
-                           {"prompt": [{"role": "user", "content": "Refund please"}],
-                            "response": [{"role": "assistant", "content": "I've refunded $20.00."}]}]
+    assert loaded.rows == [
+        {"prompt": "Where is my order?", "response": "Let me check order #48213."},
+        {
+            "prompt": [{"role": "user", "content": "Refund please"}],
+            "response": [{"role": "assistant", "content": "I've refunded $20.00."}],
+        },
+    ]
 
 
 def test_trl_preference_formats_explicit_and_implicit_prompt(tmp_path: Path) -> None:
     user = {"role": "user", "content": "Cancel my plan."}
-    explicit = write_jsonl(tmp_path / "explicit.jsonl", [
-        {"prompt": [user], "chosen": [{"role": "assistant", "content": "Done, cancelled."}],
-         "rejected": [{"role": "assistant", "content": "No."}]}])
-    implicit = write_jsonl(tmp_path / "implicit.jsonl", [
-        {"chosen": [user, {"role": "assistant", "content": "Done, cancelled."}],
-         "rejected": [user, {"role": "assistant", "content": "No."}]}])
+    explicit = write_jsonl(
+        tmp_path / "explicit.jsonl",
+        [
+            {
+                "prompt": [user],
+                "chosen": [{"role": "assistant", "content": "Done, cancelled."}],
+                "rejected": [{"role": "assistant", "content": "No."}],
+            }
+        ],
+    )
+    implicit = write_jsonl(
+        tmp_path / "implicit.jsonl",
+        [
+            {
+                "chosen": [user, {"role": "assistant", "content": "Done, cancelled."}],
+                "rejected": [user, {"role": "assistant", "content": "No."}],
+            }
+        ],
+    )
     a, b = load_rows(explicit, "preference"), load_rows(implicit, "preference")
     assert (a.format, b.format) == ("canonical", "trl")
     assert a.rows == b.rows and a.digest == b.digest
 
 
 def test_openai_messages_become_demonstrations_and_prompts(tmp_path: Path) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is #48213?"},
-                {"role": "assistant", "content": "Shipped today."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is #48213?"},
+        {"role": "assistant", "content": "Shipped today."},
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     demo = load_rows(path, "demonstration")
     assert demo.format == "messages"
@@ -132,8 +173,10 @@ def test_format_hint_overrides_detection_and_unknown_hints_are_reported(tmp_path
     [failure] = failures_of(path, "preference", format="alpaca")
     assert (failure.row, failure.rule) == (None, "format") and "unknown format 'alpaca'" in failure.message
     [failure] = failures_of(path, "ranking", format="hh-rlhf")
-    assert failure.message == "format 'hh-rlhf' does not apply to ranking rows (formats: canonical, trl, hh-rlhf, " \
-                              "messages)"
+    assert (
+        failure.message == "format 'hh-rlhf' does not apply to ranking rows (formats: canonical, trl, hh-rlhf, "
+        "messages)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,15 +185,19 @@ def test_format_hint_overrides_detection_and_unknown_hints_are_reported(tmp_path
 
 
 def test_json_array_json_lines_csv_and_parquet_give_the_same_rows(tmp_path: Path) -> None:
-    rankings = [{"prompt": "Late order #48213", "responses": ["I've reshipped it.", "Sorry.", "Go away."]},
-                {"prompt": "Refund?", "responses": ["Refunded $12.50.", "No."]}]
+    rankings = [
+        {"prompt": "Late order #48213", "responses": ["I've reshipped it.", "Sorry.", "Go away."]},
+        {"prompt": "Refund?", "responses": ["Refunded $12.50.", "No."]},
+    ]
     jsonl = write_jsonl(tmp_path / "r.jsonl", rankings)
     array = tmp_path / "r.json"
     array.write_text(json.dumps(rankings))
     lines_as_json = write_jsonl(tmp_path / "lines.json", rankings)  # what Dataset.to_json writes
     csv_path = tmp_path / "r.csv"
-    csv_path.write_text("prompt,responses\n" + "".join(
-        f'"{r["prompt"]}","{json.dumps(r["responses"]).replace(chr(34), chr(34) * 2)}"\n' for r in rankings))
+    csv_path.write_text(
+        "prompt,responses\n"
+        + "".join(f'"{r["prompt"]}","{json.dumps(r["responses"]).replace(chr(34), chr(34) * 2)}"\n' for r in rankings)
+    )
     parquet = tmp_path / "r.parquet"
     pq.write_table(pa.Table.from_pylist(rankings), parquet)
 
@@ -193,12 +240,16 @@ def test_rows_from_columnar_sources_treat_null_cells_as_missing(tmp_path: Path) 
 
 def test_every_bad_json_line_is_reported_with_its_line_and_the_parser_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(PREFS[0]) + "\n{'prompt': 'single quotes'}\n\n" + json.dumps(PREFS[1])
-                    + '\n{"prompt": "cut off\n["a list"]\n')
+    path.write_text(
+        json.dumps(PREFS[0])
+        + "\n{'prompt': 'single quotes'}\n\n"
+        + json.dumps(PREFS[1])
+        + '\n{"prompt": "cut off\n["a list"]\n'
+    )
     failures = failures_of(path, "preference")
     assert [(f.row, f.line, f.rule) for f in failures] == [(2, 2, "json"), (4, 5, "json"), (5, 6, "json")]
     assert failures[0].message == "invalid JSON at column 2: Expecting property name enclosed in double quotes"
-    assert failures[0].value == '"{\'prompt\': \'single quotes\'}"'
+    assert failures[0].value == "\"{'prompt': 'single quotes'}\""
     assert failures[1].message.startswith("invalid JSON at column 12: Unterminated string")
     assert failures[2].message == "expected a JSON object per line, got list"
 
@@ -247,19 +298,28 @@ def test_a_jsonl_line_over_the_cap_is_refused_without_being_read_whole(tmp_path:
         schemas.readers.read_source(ok, "preference", max_line_bytes=10)
 
 
-@pytest.mark.parametrize(("name", "content", "rule", "message"), [
-    ("empty.jsonl", "", "empty", "empty file"),
-    ("blank.jsonl", "\n  \n", "empty", "empty file"),
-    ("empty.json", "[]", "empty", "no rows: the source is empty"),
-    ("header_only.csv", "prompt,chosen,rejected\n", "empty", "no rows: the source is empty"),
-    ("data.txt", "hello", "file", "unsupported file extension '.txt' (supported: .jsonl, .ndjson, .json, .csv, "
-                                  ".parquet, or a dataset directory)"),
-    ("bad.json", '{"prompt": ', "json", "invalid JSON at line 1, column 12: Expecting value"),
-    ("scalars.json", "[1, 2]", "json", "expected an array of JSON objects (or JSON lines)"),
-    ("bad.parquet", "not parquet", "parquet", "not a readable Parquet file"),
-])
-def test_malformed_files_raise_the_same_error_type(tmp_path: Path, name: str, content: str, rule: str,
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "rule", "message"),
+    [
+        ("empty.jsonl", "", "empty", "empty file"),
+        ("blank.jsonl", "\n  \n", "empty", "empty file"),
+        ("empty.json", "[]", "empty", "no rows: the source is empty"),
+        ("header_only.csv", "prompt,chosen,rejected\n", "empty", "no rows: the source is empty"),
+        (
+            "data.txt",
+            "hello",
+            "file",
+            "unsupported file extension '.txt' (supported: .jsonl, .ndjson, .json, .csv, "
+            ".parquet, or a dataset directory)",
+        ),
+        ("bad.json", '{"prompt": ', "json", "invalid JSON at line 1, column 12: Expecting value"),
+        ("scalars.json", "[1, 2]", "json", "expected an array of JSON objects (or JSON lines)"),
+        ("bad.parquet", "not parquet", "parquet", "not a readable Parquet file"),
+    ],
+)
+def test_malformed_files_raise_the_same_error_type(
+    tmp_path: Path, name: str, content: str, rule: str, message: str
+) -> None:
     path = tmp_path / name
     path.write_text(content)
     [failure] = failures_of(path, "preference")
@@ -270,8 +330,10 @@ def test_malformed_files_raise_the_same_error_type(tmp_path: Path, name: str, co
 def test_missing_file_is_a_data_validation_error(tmp_path: Path) -> None:
     with pytest.raises(DataValidationError) as caught:
         load_rows(tmp_path / "nope.jsonl", "prompt")
-    assert str(caught.value) == (f"{tmp_path / 'nope.jsonl'}: invalid prompt data: 1 failure(s) in the source as a "
-                                 f"whole:\n  {tmp_path / 'nope.jsonl'}: [file] no such file")
+    assert str(caught.value) == (
+        f"{tmp_path / 'nope.jsonl'}: invalid prompt data: 1 failure(s) in the source as a "
+        f"whole:\n  {tmp_path / 'nope.jsonl'}: [file] no such file"
+    )
 
 
 def test_csv_row_with_more_fields_than_the_header(tmp_path: Path) -> None:
@@ -295,16 +357,23 @@ def test_digest_is_sha256_of_the_canonical_json_lines_of_all_rows() -> None:
 
 
 def test_digest_is_stable_across_processes_and_key_order() -> None:
-    code = ("import json, sys; from schemas import content_digest; "
-            "print(content_digest(json.loads(sys.stdin.read())))")
-    other = subprocess.run([sys.executable, "-c", code], input=json.dumps(PREFS), capture_output=True, text=True,
-                           check=True, env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=Path(__file__).parents[1])
+    code = "import json, sys; from schemas import content_digest; print(content_digest(json.loads(sys.stdin.read())))"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(PREFS),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+        cwd=Path(__file__).parents[1],
+    )
     assert other.stdout.strip() == content_digest(PREFS)
     assert content_digest([dict(reversed(list(r.items()))) for r in PREFS]) == content_digest(PREFS)
 
 
-@pytest.mark.parametrize("change", ["edit one character", "reorder", "drop a row", "add a row", "add a key",
-                                    "string to messages"])
+@pytest.mark.parametrize(
+    "change", ["edit one character", "reorder", "drop a row", "add a row", "add a key", "string to messages"]
+)
 def test_digest_changes_with_any_change_to_any_row(change: str) -> None:
     rows = [dict(r) for r in PREFS] * 1 + [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(50)]
     before = content_digest(rows)
@@ -365,7 +434,13 @@ def test_ranking_expands_to_all_ordered_pairs_the_guides_example() -> None:
     # The guide's ranking y2 ≻ y4 ≻ y1 ≻ y3: K = 4 gives K(K−1)/2 = 6 pairs, each better one chosen.
     pairs = ranking_to_pairs({"prompt": "x", "responses": ["y2", "y4", "y1", "y3"]})
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        ("y2", "y4"), ("y2", "y1"), ("y2", "y3"), ("y4", "y1"), ("y4", "y3"), ("y1", "y3")]
+        ("y2", "y4"),
+        ("y2", "y1"),
+        ("y2", "y3"),
+        ("y4", "y1"),
+        ("y4", "y3"),
+        ("y1", "y3"),
+    ]
     assert all(p["prompt"] == "x" for p in pairs)
 
 
@@ -383,12 +458,14 @@ def test_converted_conversations_render_through_the_chat_template(tmp_path: Path
     response is the final reply closed by the end-of-turn token."""
     from rlhf_core.tokenization import encode_prompt_response, render_prompt, render_response
 
-    row = load_rows(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]),
-                    "preference").rows[0]
+    row = load_rows(
+        write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]), "preference"
+    ).rows[0]
     assert render_prompt(tiny_tokenizer, row["prompt"]) == (
         "<|im_start|>user\nMy kettle arrived broken.<|im_end|>\n"
         "<|im_start|>assistant\nI'm sorry! Do you have the order number?<|im_end|>\n"
-        "<|im_start|>user\nIt's #55120.<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nIt's #55120.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert render_response(tiny_tokenizer, row["rejected"]) == "Kettles break.<|im_end|>"
     pair = encode_prompt_response(tiny_tokenizer, row["prompt"], row["chosen"])
     assert pair.response_ids[-1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")

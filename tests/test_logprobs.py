@@ -94,7 +94,9 @@ def test_left_and_right_padding_give_the_same_logprobs(model, pairs):
     for i, p in enumerate(pairs):
         response_mask[i, input_ids.shape[1] - len(p.response_ids) :] = 1
     with torch.no_grad():
-        lp_right, m_right = response_logprobs(model, right["input_ids"], right["attention_mask"], right["response_mask"])
+        lp_right, m_right = response_logprobs(
+            model, right["input_ids"], right["attention_mask"], right["response_mask"]
+        )
         lp_left, m_left = response_logprobs(model, input_ids, attention_mask, response_mask)
     # Then the response log-probs agree token for token
     for i in range(len(pairs)):
@@ -150,8 +152,9 @@ def test_response_forward_with_value_head_returns_values_of_the_state_before_eac
             _, values = policy(torch.tensor([p.prompt_ids + p.response_ids]))
             n_prompt, n = len(p.prompt_ids), len(p.response_ids)
             torch.testing.assert_close(out.values[i, :n], values[0, n_prompt - 1 : n_prompt - 1 + n], atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.logprobs[i, :n].double(), _alone_logprobs(policy.pretrained_model, p),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                out.logprobs[i, :n].double(), _alone_logprobs(policy.pretrained_model, p), atol=1e-5, rtol=0
+            )
 
 
 def _shared_batch(prompt_pairs):
@@ -159,20 +162,23 @@ def _shared_batch(prompt_pairs):
     prompts = [group[0].prompt_ids for group in prompt_pairs]
     responses = [pair.response_ids for group in prompt_pairs for pair in group]
     width, length = max(map(len, prompts)), max(map(len, responses))
-    prompt_ids, prompt_mask = torch.zeros(len(prompts), width, dtype=torch.long), torch.zeros(len(prompts), width,
-                                                                                              dtype=torch.long)
+    prompt_ids, prompt_mask = (
+        torch.zeros(len(prompts), width, dtype=torch.long),
+        torch.zeros(len(prompts), width, dtype=torch.long),
+    )
     for i, ids in enumerate(prompts):
-        prompt_ids[i, width - len(ids):], prompt_mask[i, width - len(ids):] = torch.tensor(ids), 1
-    response_ids, response_mask = torch.zeros(len(responses), length, dtype=torch.long), torch.zeros(
-        len(responses), length, dtype=torch.long)
+        prompt_ids[i, width - len(ids) :], prompt_mask[i, width - len(ids) :] = torch.tensor(ids), 1
+    response_ids, response_mask = (
+        torch.zeros(len(responses), length, dtype=torch.long),
+        torch.zeros(len(responses), length, dtype=torch.long),
+    )
     for i, ids in enumerate(responses):
-        response_ids[i, :len(ids)], response_mask[i, :len(ids)] = torch.tensor(ids), 1
+        response_ids[i, : len(ids)], response_mask[i, : len(ids)] = torch.tensor(ids), 1
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_prompt_computed_once_gives_each_response_its_own_log_prob_and_gradient(tiny_model_dir, tiny_tokenizer,
-                                                                                  lora):
+def test_a_prompt_computed_once_gives_each_response_its_own_log_prob_and_gradient(tiny_model_dir, tiny_tokenizer, lora):
     """DPO's shared prompt: two responses per prompt attending to one prompt pass's KV cache get the log-prob and
     the gradient that each gets as its own unpadded sequence (prompts of different lengths, so padding is in
     play on both sides)."""
@@ -189,17 +195,19 @@ def test_a_prompt_computed_once_gives_each_response_its_own_log_prob_and_gradien
                 if "lora_B" in name:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     groups = [
-        [encode_prompt_response(tiny_tokenizer, "Where is my order?", r)
-         for r in ("It shipped yesterday.", "No idea, stop asking me about it.")],
-        [encode_prompt_response(tiny_tokenizer, "I was charged twice for the same pair of shoes last week.", r)
-         for r in ("Sorry! I refunded the second charge.", "Ok.")],
+        [
+            encode_prompt_response(tiny_tokenizer, "Where is my order?", r)
+            for r in ("It shipped yesterday.", "No idea, stop asking me about it.")
+        ],
+        [
+            encode_prompt_response(tiny_tokenizer, "I was charged twice for the same pair of shoes last week.", r)
+            for r in ("Sorry! I refunded the second charge.", "Ok.")
+        ],
     ]
     twin = copy.deepcopy(base)
     # When the four log-probs are computed with the prompt once, and each alone as a whole sequence
     shared = shared_prompt_logprobs(base, *_shared_batch(groups))  # [2 prompts, 2 responses]
-    alone = torch.stack([
-        torch.stack([_alone_sum(twin, pair) for pair in group]) for group in groups
-    ])
+    alone = torch.stack([torch.stack([_alone_sum(twin, pair) for pair in group]) for group in groups])
     # Then the values agree to float rounding ...
     torch.testing.assert_close(shared, alone, atol=1e-4, rtol=1e-5)
     # ... and so do the gradients of a loss that weighs the four differently (as DPO's chosen − rejected does)
@@ -208,8 +216,7 @@ def test_a_prompt_computed_once_gives_each_response_its_own_log_prob_and_gradien
     (alone * weights).sum().backward()
     trained = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
     assert trained
-    for (name, p), (_, q) in zip(trained, [(n, q) for n, q in twin.named_parameters() if q.requires_grad],
-                                 strict=True):
+    for (name, p), (_, q) in zip(trained, [(n, q) for n, q in twin.named_parameters() if q.requires_grad], strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 

@@ -482,7 +482,9 @@ def test_batched_gae_equals_a_python_loop_per_sequence_alone():
         hand_adv, hand_ret = _gae_reference_loop(rewards[row, :n].tolist(), values[row, :n].tolist(), gamma, gae_lambda)
         assert_close(advantages[row, :n], hand_adv, 1e-12)
         assert_close(returns[row, :n], hand_ret, 1e-12)
-        alone_adv, _ = gae(rewards[row : row + 1, :n], values[row : row + 1, :n], mask[row : row + 1, :n], gamma, gae_lambda)
+        alone_adv, _ = gae(
+            rewards[row : row + 1, :n], values[row : row + 1, :n], mask[row : row + 1, :n], gamma, gae_lambda
+        )
         assert_close(advantages[row : row + 1, :n], alone_adv, 0.0)
     assert (advantages[mask == 0] == 0).all() and (returns[mask == 0] == 0).all()
 

@@ -22,10 +22,17 @@ from rlhf_core.trainers.sft import SFTConfig, train_sft
 
 REL = 0.02
 COMMON = {"max_steps": 6, "batch_size": 8, "progress_bar": False, "max_prompt_len": None}
-DEMOS = [{"prompt": f"Where is order {i}?", "response": f"Order {i} ships tomorrow, sorry for the wait."}
-         for i in range(24)]
-PAIRS = [{"prompt": f"Hello, order {i} is late.", "chosen": f"I am sorry, I will fix order {i} today.",
-          "rejected": "Go away."} for i in range(24)]
+DEMOS = [
+    {"prompt": f"Where is order {i}?", "response": f"Order {i} ships tomorrow, sorry for the wait."} for i in range(24)
+]
+PAIRS = [
+    {
+        "prompt": f"Hello, order {i} is late.",
+        "chosen": f"I am sorry, I will fix order {i} today.",
+        "rejected": "Go away.",
+    }
+    for i in range(24)
+]
 PROMPTS = [{"prompt": f"Hello, order {i} is late."} for i in range(16)]
 GOLD = "rlhf_core.support_bot:gold_score"
 
@@ -48,15 +55,39 @@ def _curves(train, metric: str, tmp_path: Path) -> dict[str, list[float]]:
 
 
 STAGES = {
-    "sft": ("sft/loss", lambda mp, out, log, base: train_sft(
-        SFTConfig(**COMMON, learning_rate=3e-3, mixed_precision=mp, max_response_len=None), base, DEMOS, [],
-        out, log)),
-    "rm": ("rm/loss", lambda mp, out, log, base: train_reward_model(
-        RewardConfig(**COMMON, learning_rate=1e-3, mixed_precision=mp, max_response_len=None), base, PAIRS, [],
-        out, log)),
-    "dpo": ("dpo/loss", lambda mp, out, log, base: train_dpo(
-        DPOConfig(**COMMON, learning_rate=1e-3, mixed_precision=mp, max_response_len=None), base, PAIRS, [],
-        out, log)),
+    "sft": (
+        "sft/loss",
+        lambda mp, out, log, base: train_sft(
+            SFTConfig(**COMMON, learning_rate=3e-3, mixed_precision=mp, max_response_len=None),
+            base,
+            DEMOS,
+            [],
+            out,
+            log,
+        ),
+    ),
+    "rm": (
+        "rm/loss",
+        lambda mp, out, log, base: train_reward_model(
+            RewardConfig(**COMMON, learning_rate=1e-3, mixed_precision=mp, max_response_len=None),
+            base,
+            PAIRS,
+            [],
+            out,
+            log,
+        ),
+    ),
+    "dpo": (
+        "dpo/loss",
+        lambda mp, out, log, base: train_dpo(
+            DPOConfig(**COMMON, learning_rate=1e-3, mixed_precision=mp, max_response_len=None),
+            base,
+            PAIRS,
+            [],
+            out,
+            log,
+        ),
+    ),
 }
 
 
@@ -73,10 +104,22 @@ def test_a_supervised_stage_in_bf16_follows_the_float32_loss_curve(stage, tiny_m
 
 def test_ppo_in_bf16_starts_at_ratio_one_and_kl_zero_and_follows_float32(tiny_model_dir, tmp_path):
     def train(mp, out, log):
-        config = PPOConfig(max_steps=3, batch_size=8, rollout_batch_size=8, ppo_epochs=1, max_new_tokens=12,
-                           missing_eos_score=None, learning_rate=1e-3, progress_bar=False, mixed_precision=mp,
-                           value_warmup_iterations=0, reward_model_weight=0, reward_functions={GOLD: 1.0},
-                           dead_signal="warn", max_prompt_len=None)
+        config = PPOConfig(
+            max_steps=3,
+            batch_size=8,
+            rollout_batch_size=8,
+            ppo_epochs=1,
+            max_new_tokens=12,
+            missing_eos_score=None,
+            learning_rate=1e-3,
+            progress_bar=False,
+            mixed_precision=mp,
+            value_warmup_iterations=0,
+            reward_model_weight=0,
+            reward_functions={GOLD: 1.0},
+            dead_signal="warn",
+            max_prompt_len=None,
+        )
         train_ppo(config, tiny_model_dir, None, PROMPTS, out, log)
 
     loggers = {}
@@ -98,10 +141,22 @@ def test_critic_free_rl_in_bf16_starts_at_ratio_one_and_kl_zero(algorithm, tiny_
     from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
 
     logger = ListLogger()
-    config = GRPOConfig(algorithm=algorithm, max_steps=2, batch_size=8, prompts_per_iteration=2,
-                        num_samples_per_prompt=4, max_new_tokens=12, missing_eos_score=None, learning_rate=1e-3,
-                        progress_bar=False, mixed_precision="bf16", reward_model_weight=0,
-                        reward_functions={GOLD: 1.0}, dead_signal="warn", max_prompt_len=None)
+    config = GRPOConfig(
+        algorithm=algorithm,
+        max_steps=2,
+        batch_size=8,
+        prompts_per_iteration=2,
+        num_samples_per_prompt=4,
+        max_new_tokens=12,
+        missing_eos_score=None,
+        learning_rate=1e-3,
+        progress_bar=False,
+        mixed_precision="bf16",
+        reward_model_weight=0,
+        reward_functions={GOLD: 1.0},
+        dead_signal="warn",
+        max_prompt_len=None,
+    )
     train_grpo(config, tiny_model_dir, None, PROMPTS, tmp_path, logger)
     assert logger.series(f"{algorithm}/kl")[0] == 0.0
     assert logger.series(f"{algorithm}/approx_kl")[0] == pytest.approx(0.0, abs=1e-7)

@@ -259,13 +259,17 @@ def _train_sft_on(model_dir: Path, output_dir: Path) -> None:
     train_sft(SFTConfig(max_steps=1, batch_size=1), model_dir, rows, [], output_dir)
 
 
-@pytest.mark.parametrize("load", [
-    lambda path: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True),  # what the library asks
-    lambda path: load_policy(path),
-    lambda path: load_reward_model(path),
-    lambda path: reward_model_from_causal_lm(path),
-    lambda path: PolicyWithValueHead.from_pretrained(path),
-], ids=["transformers", "load_policy", "load_reward_model", "reward_model_from_causal_lm", "policy_with_value_head"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda path: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True),  # what the library asks
+        lambda path: load_policy(path),
+        lambda path: load_reward_model(path),
+        lambda path: reward_model_from_causal_lm(path),
+        lambda path: PolicyWithValueHead.from_pretrained(path),
+    ],
+    ids=["transformers", "load_policy", "load_reward_model", "reward_model_from_causal_lm", "policy_with_value_head"],
+)
 def test_model_loaders_refuse_a_directory_with_only_pickle_weights(pickle_only_dir: Path, load) -> None:  # noqa: ANN001
     """Given a model directory whose weights are only `pytorch_model.bin`, then every loader refuses it."""
     with pytest.raises(OSError, match="safetensors"):
@@ -284,11 +288,17 @@ def _model_loads(root: Path) -> list[tuple[str, int, bool]]:
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             func = node.func if isinstance(node, ast.Call) else None
-            if not (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"
-                    and isinstance(func.value, ast.Name) and func.value.id.startswith("AutoModel")):
+            if not (
+                isinstance(func, ast.Attribute)
+                and func.attr == "from_pretrained"
+                and isinstance(func.value, ast.Name)
+                and func.value.id.startswith("AutoModel")
+            ):
                 continue
-            safe = any(k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            safe = any(
+                k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             calls.append((str(path.relative_to(REPO)), node.lineno, safe))
     return calls
 

@@ -97,9 +97,7 @@ def test_a_sigtermed_pipeline_closes_its_parent_run_as_killed(config_path: Path,
     assert not parent_runs.lock_path(load_config(config_path).work_path(), run_id).exists()
 
 
-def test_the_next_start_closes_the_parent_run_of_a_sigkilled_pipeline(
-    config_path: Path, tmp_path: Path
-) -> None:
+def test_the_next_start_closes_the_parent_run_of_a_sigkilled_pipeline(config_path: Path, tmp_path: Path) -> None:
     """Given a pipeline SIGKILLed inside its DAG (its parent run stays RUNNING), when a pipeline of the same
     name starts, then it closes that run as KILLED — and never the run of a pipeline still running."""
     dead = _start(config_path, tmp_path / "dead")
@@ -152,8 +150,12 @@ def test_the_parent_run_is_named_with_algorithm_and_time_and_carries_key_setting
 
     config = load_config(config_path, [f"algorithm={algorithm}"])
     env = start_pipeline_run(config)
-    evaluation = StagePointer(stage="evaluate", cache_key="k", run_id="r",
-                              metrics={"eval/win_rate_gold": 0.75, "eval/kl_to_ref": 0.5, "eval/gold_score": 1.5})
+    evaluation = StagePointer(
+        stage="evaluate",
+        cache_key="k",
+        run_id="r",
+        metrics={"eval/win_rate_gold": 0.75, "eval/kl_to_ref": 0.5, "eval/gold_score": 1.5},
+    )
     log_headline_metrics(env, evaluation)
     finish_pipeline(env, {}, "FINISHED")
 

@@ -65,8 +65,9 @@ class Project:
 
     def stage_runs(self, stage: str | None = None) -> list:
         query = "tags.rlhf.kind = 'stage'" + (f" and tags.rlhf.stage = '{stage}'" if stage else "")
-        return self.client.search_runs(self.client.get_experiment_by_name("rlhf-test").experiment_id, query,
-                                       max_results=1000)
+        return self.client.search_runs(
+            self.client.get_experiment_by_name("rlhf-test").experiment_id, query, max_results=1000
+        )
 
 
 def pipeline_config(root: Path) -> dict:
@@ -87,13 +88,26 @@ def pipeline_config(root: Path) -> dict:
         "sft": {**TINY, "max_steps": 3, "checkpoint_every": 3},
         "reward_model": {**TINY, "max_steps": 3},
         "dpo": {**TINY, "max_steps": 2},
-        "ppo": {"batch_size": 4, "rollout_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8, "max_steps": 12,
-                "checkpoint_every": 1, "progress_bar": False, "max_prompt_len": 48, "weak_reward_model": "warn",
-                # 8 new tokens end no reply of this task: the rollouts carry no signal, which is fine for a test of
-                # orchestration (the guard itself: tests/test_learning_direction.py).
-                "dead_signal": "warn"},
-        "evaluation": {"sampling": {"max_new_tokens": 8}, "num_prompts": 4, "batch_size": 4,
-                       "gold_judge": "rlhf_core.support_bot:gold_score"},
+        "ppo": {
+            "batch_size": 4,
+            "rollout_batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 8,
+            "max_steps": 12,
+            "checkpoint_every": 1,
+            "progress_bar": False,
+            "max_prompt_len": 48,
+            "weak_reward_model": "warn",
+            # 8 new tokens end no reply of this task: the rollouts carry no signal, which is fine for a test of
+            # orchestration (the guard itself: tests/test_learning_direction.py).
+            "dead_signal": "warn",
+        },
+        "evaluation": {
+            "sampling": {"max_new_tokens": 8},
+            "num_prompts": 4,
+            "batch_size": 4,
+            "gold_judge": "rlhf_core.support_bot:gold_score",
+        },
         # Short sequences on purpose (seconds per stage): the truncation guard would stop them.
         "lengths": {"allow_truncation": True},
         "tracking": {"experiment_name": "rlhf-test"},
@@ -133,8 +147,9 @@ def _task_run_states(flow_run_id: str) -> dict[str, str]:
 
 def _flow_artifacts(flow_run_id: str) -> dict[str, object]:
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {a.key: a for a in found}
 
 
@@ -169,7 +184,9 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     digests = first.stages["validate"].data
     for stage, data in (("sft", "sft_train"), ("reward_model", "preference_train"), ("dpo", "preference_train")):
         run = children[stage]
-        assert run.data.params[f"{stage}.max_steps"] == str(load_config(project.config).model_dump()[stage]["max_steps"])
+        assert run.data.params[f"{stage}.max_steps"] == str(
+            load_config(project.config).model_dump()[stage]["max_steps"]
+        )
         assert run.data.tags[f"rlhf.data.{data}.digest"] == digests[data]
         inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
         assert inputs[data] == digests[data].rpartition(":")[2][:32]
@@ -181,8 +198,9 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     # Evaluation: the table, and one nested run per model with the same metric names.
     evaluate = children["evaluate"]
     assert "eval_samples.json" in {a.path for a in project.client.list_artifacts(evaluate.info.run_id)}
-    per_model = project.client.search_runs(evaluate.info.experiment_id,
-                                           f"tags.mlflow.parentRunId = '{evaluate.info.run_id}'")
+    per_model = project.client.search_runs(
+        evaluate.info.experiment_id, f"tags.mlflow.parentRunId = '{evaluate.info.run_id}'"
+    )
     assert sorted(r.data.tags["rlhf.eval.model"] for r in per_model) == ["policy", "sft"]
     assert per_model[0].data.metrics.keys() == per_model[1].data.metrics.keys()
     assert {"eval/rm_score", "eval/gold_score", "eval/kl_to_ref"} <= per_model[0].data.metrics.keys()
@@ -193,11 +211,11 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     assert sorted(version.aliases) == ["candidate", "champion"]
 
     # The logged models load with from_pretrained from the downloaded artifacts.
-    policy_dir = mlflow.artifacts.download_artifacts("models:/rlhf-policy@candidate",
-                                                     tracking_uri=first.tracking_uri)
+    policy_dir = mlflow.artifacts.download_artifacts("models:/rlhf-policy@candidate", tracking_uri=first.tracking_uri)
     assert AutoModelForCausalLM.from_pretrained(policy_dir).config.model_type == "llama"
-    rm_dir = mlflow.artifacts.download_artifacts(first.stages["reward_model"].model_uri,
-                                                 tracking_uri=first.tracking_uri)
+    rm_dir = mlflow.artifacts.download_artifacts(
+        first.stages["reward_model"].model_uri, tracking_uri=first.tracking_uri
+    )
     assert AutoModelForSequenceClassification.from_pretrained(rm_dir).config.num_labels == 1
 
     # Prefect artifacts of the flow run: the MLflow link and the stage-pointer table.
@@ -206,8 +224,9 @@ def test_the_dag_runs_one_task_and_one_child_run_per_stage(project: Project, fir
     assert first.parent_run_id in artifacts["mlflow-run"].data
 
 
-def test_lineage_from_the_registered_model_reaches_every_dataset_digest(project: Project,
-                                                                      first: PipelineResult) -> None:
+def test_lineage_from_the_registered_model_reaches_every_dataset_digest(
+    project: Project, first: PipelineResult
+) -> None:
     tree = walk_lineage("models:/rlhf-policy@candidate", project.client)
 
     assert tree.problems() == []
@@ -249,8 +268,13 @@ def test_changing_the_dpo_beta_reruns_only_dpo_and_evaluation(project: Project, 
     assert result.executed() == ["dpo", "evaluate"]
     for stage in ("validate", "sft", "reward_model"):
         assert result.stages[stage].run_id == first.stages[stage].run_id
-    assert _task_run_states(result.flow_run_id) == {"validate": "Cached", "sft": "Cached", "reward_model": "Cached",
-                                                    "dpo": "Completed", "evaluate": "Completed"}
+    assert _task_run_states(result.flow_run_id) == {
+        "validate": "Cached",
+        "sft": "Cached",
+        "reward_model": "Cached",
+        "dpo": "Completed",
+        "evaluate": "Completed",
+    }
     dpo = project.client.get_run(result.stages["dpo"].run_id)
     assert dpo.data.params["dpo.dpo_beta"] == "0.2"
     assert project.client.get_model_version_by_alias("rlhf-policy", "candidate").run_id == dpo.info.run_id
@@ -263,8 +287,7 @@ def test_changing_the_dpo_beta_reruns_only_dpo_and_evaluation(project: Project, 
     assert result.registered.champion_value == per_model["champion"][result.registered.metric]
 
 
-def test_a_stage_runs_alone_as_its_own_flow_given_upstream_pointers(project: Project,
-                                                                    first: PipelineResult) -> None:
+def test_a_stage_runs_alone_as_its_own_flow_given_upstream_pointers(project: Project, first: PipelineResult) -> None:
     pointer = dpo_flow(str(project.config), {"sft": first.stages["sft"].model_dump()}, ["dpo.dpo_beta=0.3"])
 
     assert not pointer.reused and pointer.model_uri == f"runs:/{pointer.run_id}/model"
@@ -290,8 +313,14 @@ def test_a_pipeline_killed_during_ppo_resumes_ppo_from_its_checkpoint(project: P
     # Given a real pipeline process running PPO, SIGKILLed once PPO has written a checkpoint.
     overrides = ["algorithm=ppo"]
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", str(project.config), *overrides], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", str(project.config), *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     pattern = str(project.root / "runs" / "stages" / "ppo-*" / "train" / "checkpoints" / "step-*")
     deadline = time.monotonic() + 240
     while not glob.glob(pattern):
@@ -339,17 +368,19 @@ def test_the_mlflow_ui_lists_the_pipeline_runs_with_their_win_rates(project: Pro
     config = load_config(project.config)
     experiment_id = project.client.get_experiment_by_name("rlhf-test").experiment_id
     pipelines = project.client.search_runs(experiment_id, "tags.rlhf.kind = 'pipeline'", max_results=100)
-    evaluated = {r.info.run_id: (r.info.run_name, r.data.metrics[WIN_RATE]) for r in pipelines
-                 if WIN_RATE in r.data.metrics}
+    evaluated = {
+        r.info.run_id: (r.info.run_name, r.data.metrics[WIN_RATE]) for r in pipelines if WIN_RATE in r.data.metrics
+    }
     named = [re.fullmatch(r"test-pipeline-(dpo|ppo)-\d{8}-\d{6}", name) for name, _ in evaluated.values()]
     assert all(named) and {m[1] for m in named} == {"dpo", "ppo"}, evaluated
 
     # When a person opens the experiment's runs table in the MLflow UI (a real `rlhf ui` process, headless
     # Chromium), filtered to pipeline runs, with the win rate picked as a column.
-    with mlflow_ui(config.tracking_uri(), config.artifact_location(), tmp_path / "ui.log") as url, \
-            headless_chromium(tmp_path / "profile", window_size="1800,1000") as driver:
-        open_mlflow_runs_table(driver, url, experiment_id, "tags.rlhf.kind = 'pipeline'",
-                               [f"metrics.`{WIN_RATE}`"])
+    with (
+        mlflow_ui(config.tracking_uri(), config.artifact_location(), tmp_path / "ui.log") as url,
+        headless_chromium(tmp_path / "profile", window_size="1800,1000") as driver,
+    ):
+        open_mlflow_runs_table(driver, url, experiment_id, "tags.rlhf.kind = 'pipeline'", [f"metrics.`{WIN_RATE}`"])
 
         def complete() -> bool:  # React renders the rows after the page has loaded
             shown = driver.execute_script(READ_RUNS_TABLE, f"metrics.`{WIN_RATE}`")
@@ -421,8 +452,14 @@ def test_two_pipelines_needing_the_same_stage_train_it_once(project: Project) ->
 def test_collect_feeds_the_reward_model_with_lineage(project: Project) -> None:
     """Given `collect` in the stages with the gold judge, when the pipeline runs, then the SFT model's responses
     are ranked, the RM trains on exactly those rankings, and lineage runs RM → collect → SFT and prompts."""
-    overrides = ["stages=[validate, sft, collect, reward_model]", "collect.judge=gold", "collect.num_responses=3",
-                 "collect.num_prompts=8", "collect.sampling.max_new_tokens=8", "collect.eval_fraction=0.25"]
+    overrides = [
+        "stages=[validate, sft, collect, reward_model]",
+        "collect.judge=gold",
+        "collect.num_responses=3",
+        "collect.num_prompts=8",
+        "collect.sampling.max_new_tokens=8",
+        "collect.eval_fraction=0.25",
+    ]
 
     result = rlhf_pipeline(str(project.config), overrides)
 
@@ -440,7 +477,6 @@ def test_collect_feeds_the_reward_model_with_lineage(project: Project) -> None:
     # Each collected row is a ranking of 3 distinct responses of a training prompt.
     rows = [json.loads(line) for line in Path(collect.datasets["preference_train"].path).read_text().splitlines()]
     prompts = {json.loads(line)["prompt"] for line in (DATA / "prompts_train.jsonl").read_text().splitlines()}
-    assert rows and all(r["prompt"] in prompts and len(set(r["responses"])) == len(r["responses"]) >= 2
-                        for r in rows)
+    assert rows and all(r["prompt"] in prompts and len(set(r["responses"])) == len(r["responses"]) >= 2 for r in rows)
     node = walk_lineage(rm.run_id, project.client)
     assert {c.role: c.run_id for c in node.children}["collect"] == collect.run_id

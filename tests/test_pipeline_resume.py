@@ -72,9 +72,18 @@ def resume_config(root: Path, work: str) -> Path:
     for stage in ("sft", "reward_model", "dpo"):
         config[stage] = {**config[stage], "max_steps": MAX_STEPS, "checkpoint_every": 2}
     config["ppo"] = {**config["ppo"], "max_steps": PPO_STEPS, "checkpoint_every": 2}
-    config["grpo"] = {"batch_size": 4, "prompts_per_iteration": 2, "num_samples_per_prompt": 2, "max_new_tokens": 8,
-                      "max_prompt_len": 48, "max_steps": PPO_STEPS, "checkpoint_every": 2, "progress_bar": False,
-                      "weak_reward_model": "warn", "dead_signal": "warn"}
+    config["grpo"] = {
+        "batch_size": 4,
+        "prompts_per_iteration": 2,
+        "num_samples_per_prompt": 2,
+        "max_new_tokens": 8,
+        "max_prompt_len": 48,
+        "max_steps": PPO_STEPS,
+        "checkpoint_every": 2,
+        "progress_bar": False,
+        "weak_reward_model": "warn",
+        "dead_signal": "warn",
+    }
     path = root / f"{work}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -99,8 +108,9 @@ class Root:
 
     def checkpoints(self, work: str, stage: str) -> list[str]:
         """The complete checkpoints (manifest written) of `stage` in work dir `work`."""
-        return glob.glob(str(self.root / work / "stages" / f"{stage}-*" / "train" / "checkpoints" / "step-*"
-                             / "manifest.json"))
+        return glob.glob(
+            str(self.root / work / "stages" / f"{stage}-*" / "train" / "checkpoints" / "step-*" / "manifest.json")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +136,21 @@ def kill_once_checkpointed(root: Root, stage: str, prefect_api: str) -> None:
     # Without the MLFLOW_*_URI that `mlflow.set_tracking_uri` left in this process's environment (the store of
     # the last pipeline run here): the subprocess must log to the config's own store, as the rerun will.
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env |= {"PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
-            # One intra-op thread, as in this process (tests/conftest.py): the same float reductions.
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", str(root.configs["resume"]),
-                             *OVERRIDES[stage]], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env |= {
+        "PREFECT_API_URL": prefect_api,
+        "PYTHONPATH": str(REPO),
+        # One intra-op thread, as in this process (tests/conftest.py): the same float reductions.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", str(root.configs["resume"]), *OVERRIDES[stage]],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while not root.checkpoints("resume", stage):
@@ -145,8 +164,9 @@ def kill_once_checkpointed(root: Root, stage: str, prefect_api: str) -> None:
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "ppo", "rloo"])
-def test_a_pipeline_killed_during_a_stage_ends_with_the_uninterrupted_weights(root: Root, stage: str,
-                                                                           prefect_api: str) -> None:
+def test_a_pipeline_killed_during_a_stage_ends_with_the_uninterrupted_weights(
+    root: Root, stage: str, prefect_api: str
+) -> None:
     reference = root.reference(stage)
 
     # Given a real pipeline process SIGKILLed once the stage has a complete checkpoint.
@@ -213,7 +233,8 @@ def _task_runs(flow_run_id: str, name: str) -> list:
 
 
 def test_a_failed_sft_task_is_retried_by_prefect_and_resumes_from_its_checkpoint(
-        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference = root.reference("sft")
 
     def crash() -> None:
@@ -236,8 +257,11 @@ def test_a_failed_sft_task_is_retried_by_prefect_and_resumes_from_its_checkpoint
     assert pointer.resumed_from_step == 2 and pointer.cache_key == reference.stages["sft"].cache_key
     tracking = rlhf_client(result)
     assert tracking.get_run(pointer.run_id).data.tags["rlhf.resumed_from_step"] == "2"
-    failed = [r for r in tracking.search_runs([result.experiment_id], "tags.rlhf.stage = 'sft'")
-              if r.info.run_id != pointer.run_id]
+    failed = [
+        r
+        for r in tracking.search_runs([result.experiment_id], "tags.rlhf.stage = 'sft'")
+        if r.info.run_id != pointer.run_id
+    ]
     assert [r.info.status for r in failed] == ["FAILED"]
     assert_same_weights(result, reference, "sft")
 
@@ -246,7 +270,8 @@ TIMEOUT_S = 20.0
 
 
 def test_a_ppo_task_past_its_timeout_is_stopped_and_the_next_run_resumes_it(
-        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference = root.reference("ppo")
     overrides = [*OVERRIDES["ppo"], f"prefect.stages.ppo.timeout_seconds={TIMEOUT_S}"]
     hung: list[bool] = []
@@ -281,7 +306,10 @@ def test_a_ppo_task_past_its_timeout_is_stopped_and_the_next_run_resumes_it(
     assert result.stages["ppo"].resumed_from_step == 2
     assert result.stages["ppo"].cache_key == reference.stages["ppo"].cache_key
     tracking = rlhf_client(result)
-    stopped = [r for r in tracking.search_runs([result.experiment_id], "tags.rlhf.stage = 'ppo'")
-               if r.info.run_id != result.stages["ppo"].run_id]
+    stopped = [
+        r
+        for r in tracking.search_runs([result.experiment_id], "tags.rlhf.stage = 'ppo'")
+        if r.info.run_id != result.stages["ppo"].run_id
+    ]
     assert [r.info.status for r in stopped] == ["FAILED"]
     assert_same_weights(result, reference, "ppo")

@@ -41,13 +41,41 @@ from rlhf_core.trainers.ppo import (
 from rlhf_core.trainers.reward import RewardConfig, train_reward_model
 
 RESPONSE_LEN = 8
-PROMPTS = ["Where is my order?", "Reset my password", "I was charged twice", "Hi", "I want a refund",
-           "The app crashes", "Change my delivery address", "Thanks for the help"]
+PROMPTS = [
+    "Where is my order?",
+    "Reset my password",
+    "I was charged twice",
+    "Hi",
+    "I want a refund",
+    "The app crashes",
+    "Change my delivery address",
+    "Thanks for the help",
+]
 ROWS = [{"prompt": p} for p in PROMPTS]
-METRICS = ["score_mean", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss", "value_loss",
-           "value_clip_fraction", "explained_variance", "response_length", "no_eos_fraction", "distinct_2",
-           "reward_mean", "tokens_per_sec", "episodes_per_sec", "peak_memory_mb", "shaped_score_std",
-           "no_eos_penalized_fraction", "time_generation_s", "time_scoring_s", "time_update_s"]
+METRICS = [
+    "score_mean",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "clip_fraction",
+    "approx_kl",
+    "policy_loss",
+    "value_loss",
+    "value_clip_fraction",
+    "explained_variance",
+    "response_length",
+    "no_eos_fraction",
+    "distinct_2",
+    "reward_mean",
+    "tokens_per_sec",
+    "episodes_per_sec",
+    "peak_memory_mb",
+    "shaped_score_std",
+    "no_eos_penalized_fraction",
+    "time_generation_s",
+    "time_scoring_s",
+    "time_update_s",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,9 +90,18 @@ def _one_thread():
 
 def _config(**overrides) -> PPOConfig:
     # No value warm-up: these tests look at the policy from the first iteration (warm-up has its own test).
-    small = dict(max_steps=2, batch_size=4, rollout_batch_size=8, ppo_epochs=1, max_new_tokens=RESPONSE_LEN,
-                 missing_eos_score=None, learning_rate=4e-3, kl_coef=0.2, progress_bar=False,
-                 value_warmup_iterations=0)
+    small = dict(
+        max_steps=2,
+        batch_size=4,
+        rollout_batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=RESPONSE_LEN,
+        missing_eos_score=None,
+        learning_rate=4e-3,
+        kl_coef=0.2,
+        progress_bar=False,
+        value_warmup_iterations=0,
+    )
     return PPOConfig(**{**small, **overrides})
 
 
@@ -172,8 +209,14 @@ def test_ppo_raises_the_rm_score_with_bounded_kl_and_frozen_models(tiny_model_di
     assert all(torch.equal(v, rm_before[k]) for k, v in models.reward_model.state_dict().items())
     assert not torch.equal(_weights(result.model_dir)["lm_head.weight"], reference_before["lm_head.weight"])
     # and on held-out samples (same prompts and seeds for both) the PPO policy beats the SFT policy
-    report = evaluate_models({"sft": tiny_model_dir, "ppo": result.model_dir}, PROMPTS * 8,
-                             SamplingConfig(max_new_tokens=RESPONSE_LEN), rm_path, tiny_model_dir, seed=0)
+    report = evaluate_models(
+        {"sft": tiny_model_dir, "ppo": result.model_dir},
+        PROMPTS * 8,
+        SamplingConfig(max_new_tokens=RESPONSE_LEN),
+        rm_path,
+        tiny_model_dir,
+        seed=0,
+    )
     sft, ppo = report.metrics["sft"], report.metrics["ppo"]
     margin = 2 * math.hypot(sft["eval/rm_score_stderr"], ppo["eval/rm_score_stderr"])
     assert ppo["eval/rm_score"] - sft["eval/rm_score"] > margin
@@ -211,15 +254,24 @@ def test_kill_and_resume_follows_the_same_trajectory(tiny_model_dir, reward_mode
     # Given a config whose state goes beyond the weights: adaptive β and running score moments
     config = _config(max_steps=4, checkpoint_every=2, target_kl=0.5, kl_horizon=50.0, score_norm="mean_std")
     uninterrupted = ListLogger()
-    full = train_ppo(config, tiny_model_dir, rm_path, ROWS, tmp_path / "full", uninterrupted,
-                     reward_model_eval_accuracy=accuracy)
+    full = train_ppo(
+        config, tiny_model_dir, rm_path, ROWS, tmp_path / "full", uninterrupted, reward_model_eval_accuracy=accuracy
+    )
     # When a second run is killed during iteration 3 (last checkpoint: iteration 2) and started again
     with pytest.raises(_Killed):
-        train_ppo(config, tiny_model_dir, rm_path, ROWS, tmp_path / "killed", _KillAfter(3),
-                  reward_model_eval_accuracy=accuracy)
+        train_ppo(
+            config,
+            tiny_model_dir,
+            rm_path,
+            ROWS,
+            tmp_path / "killed",
+            _KillAfter(3),
+            reward_model_eval_accuracy=accuracy,
+        )
     resumed_logger = ListLogger()
-    resumed = train_ppo(config, tiny_model_dir, rm_path, ROWS, tmp_path / "killed", resumed_logger,
-                        reward_model_eval_accuracy=accuracy)
+    resumed = train_ppo(
+        config, tiny_model_dir, rm_path, ROWS, tmp_path / "killed", resumed_logger, reward_model_eval_accuracy=accuracy
+    )
     # Then it resumed from iteration 2 and ends where the uninterrupted run ended
     assert resumed.resumed_from_step == 2 and full.resumed_from_step is None
     for name in ("ppo/score_mean", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss"):
@@ -237,13 +289,18 @@ def test_kill_and_resume_follows_the_same_trajectory(tiny_model_dir, reward_mode
 
 
 @pytest.mark.parametrize("broken", ["reward_model", "reference"])
-def test_a_forced_nan_stops_cleanly_keeping_the_last_good_checkpoint(tiny_model_dir, reward_model, tmp_path,
-                                                                     broken):
+def test_a_forced_nan_stops_cleanly_keeping_the_last_good_checkpoint(tiny_model_dir, reward_model, tmp_path, broken):
     rm_path, accuracy = reward_model
     out = tmp_path / "ppo"
     # Given one good iteration, checkpointed
-    train_ppo(_config(max_steps=1, checkpoint_every=1), tiny_model_dir, rm_path, ROWS, out,
-              reward_model_eval_accuracy=accuracy)
+    train_ppo(
+        _config(max_steps=1, checkpoint_every=1),
+        tiny_model_dir,
+        rm_path,
+        ROWS,
+        out,
+        reward_model_eval_accuracy=accuracy,
+    )
     good = latest_checkpoint(out)
     state_before = (good / "trainer_state.json").read_text()
     # When the run continues with a NaN in the reward model's head (NaN scores) or in the reference's LM head
@@ -274,8 +331,14 @@ def test_refuses_a_reward_model_at_chance(tiny_model_dir, reward_model, tiny_tok
         train_ppo(_config(), tiny_model_dir, rm_path, ROWS, tmp_path / "b", reward_model_eval_pairs=ties)
     # ... or only warns when configured to
     with pytest.warns(UserWarning, match="at chance"):
-        result = train_ppo(_config(max_steps=1, weak_reward_model="warn"), tiny_model_dir, rm_path, ROWS,
-                           tmp_path / "c", reward_model_eval_accuracy=0.5)
+        result = train_ppo(
+            _config(max_steps=1, weak_reward_model="warn"),
+            tiny_model_dir,
+            rm_path,
+            ROWS,
+            tmp_path / "c",
+            reward_model_eval_accuracy=0.5,
+        )
     assert result.model_dir.is_dir()
     # and the measured accuracy of distinct responses is symmetric: swapping chosen and rejected gives 1 − acc
     models = load_ppo_models(_config(), tiny_model_dir, rm_path)
@@ -326,8 +389,9 @@ def test_lora_policy_uses_the_base_as_reference_and_adapts_beta(tiny_model_dir, 
     base_before = {k: v for k, v in _state(models.actor_critic.pretrained_model).items() if "lora_" not in k}
     logger = ListLogger()
     # When PPO runs
-    result = run_ppo(config, models, ROWS, tmp_path / "ppo", logger, eval_prompt_rows=ROWS[:4],
-                     reward_model_eval_accuracy=accuracy)
+    result = run_ppo(
+        config, models, ROWS, tmp_path / "ppo", logger, eval_prompt_rows=ROWS[:4], reward_model_eval_accuracy=accuracy
+    )
     # Then held-out prompts were evaluated after each iteration (same seed each time), KL included
     assert len(logger.series("ppo/eval_score_mean")) == 2 and "ppo/eval_kl" in result.metrics
     assert all(math.isfinite(v) for v in logger.series("ppo/eval_kl") + logger.series("ppo/eval_score_mean"))
@@ -341,20 +405,35 @@ def test_lora_policy_uses_the_base_as_reference_and_adapts_beta(tiny_model_dir, 
     assert all(torch.equal(after[k], v) for k, v in base_before.items())
     merged = _weights(result.model_dir)
     assert not any("lora_" in k for k in merged)
-    assert any(not torch.equal(merged[k], v) for k, v in AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir).state_dict().items())
+    assert any(
+        not torch.equal(merged[k], v)
+        for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()
+    )
 
 
 def test_ppo_starts_from_the_reward_trainers_model(tiny_model_dir, tmp_path):
     # Given a reward model saved by the reward-model stage, trained a few steps on text pairs
-    pairs = [{"prompt": p, "chosen": "I'm sorry, let me fix that for you right away.", "rejected": "No."}
-             for p in PROMPTS]
-    rm = train_reward_model(RewardConfig(max_steps=3, batch_size=4, learning_rate=1e-3, progress_bar=False),
-                            tiny_model_dir, pairs, pairs, tmp_path / "rm")
+    pairs = [
+        {"prompt": p, "chosen": "I'm sorry, let me fix that for you right away.", "rejected": "No."} for p in PROMPTS
+    ]
+    rm = train_reward_model(
+        RewardConfig(max_steps=3, batch_size=4, learning_rate=1e-3, progress_bar=False),
+        tiny_model_dir,
+        pairs,
+        pairs,
+        tmp_path / "rm",
+    )
     logger = ListLogger()
     # When PPO measures that RM's accuracy on held-out pairs itself and runs with the critic initialised from it
-    result = train_ppo(_config(max_steps=1, critic="separate"), tiny_model_dir, rm.model_dir, ROWS, tmp_path / "ppo",
-                       logger, reward_model_eval_pairs=pairs)
+    result = train_ppo(
+        _config(max_steps=1, critic="separate"),
+        tiny_model_dir,
+        rm.model_dir,
+        ROWS,
+        tmp_path / "ppo",
+        logger,
+        reward_model_eval_pairs=pairs,
+    )
     # Then the accuracy it logged is the stage's own evaluation, and PPO ran
     assert logger.series("ppo/rm_eval_accuracy") == [pytest.approx(rm.metrics["rm/eval_accuracy"])]
     assert logger.series("ppo/rm_eval_accuracy")[0] >= 0.55

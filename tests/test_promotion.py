@@ -18,12 +18,18 @@ SCORES = [1.0, 0.6, 1.4]  # by hand: champion after each registration = version 
 
 
 def test_champion_moves_only_to_a_better_policy(tmp_path: Path) -> None:
-    config = parse_config({
-        "name": "promotion", "work_dir": str(tmp_path / "runs"),
-        "datasets": {"demonstrations": {"path": "d.jsonl"}, "preferences": {"path": "p.jsonl"},
-                     "prompts_eval": {"path": "e.jsonl"}},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "promotion"},
-    })
+    config = parse_config(
+        {
+            "name": "promotion",
+            "work_dir": str(tmp_path / "runs"),
+            "datasets": {
+                "demonstrations": {"path": "d.jsonl"},
+                "preferences": {"path": "p.jsonl"},
+                "prompts_eval": {"path": "e.jsonl"},
+            },
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "promotion"},
+        }
+    )
     env = start_pipeline_run(config)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -33,8 +39,12 @@ def test_champion_moves_only_to_a_better_policy(tmp_path: Path) -> None:
         run_id = env.client.create_run(env.experiment_id, run_name=f"dpo-{i}").info.run_id
         uri = tracking.log_model_dir(env.client, run_id, model_dir)
         policy = StagePointer(stage="dpo", cache_key=f"k{i}", run_id=run_id, model_uri=uri, model_dir=str(model_dir))
-        evaluation = StagePointer(stage="evaluate", cache_key=f"e{i}", run_id=run_id,
-                                  metrics={"eval/gold_score": score, "eval/rm_score": -score})
+        evaluation = StagePointer(
+            stage="evaluate",
+            cache_key=f"e{i}",
+            run_id=run_id,
+            metrics={"eval/gold_score": score, "eval/rm_score": -score},
+        )
         registered = register_policy(env, policy, evaluation)
         candidates.append(registered.version)
         champions.append(str(env.client.get_model_version_by_alias("rlhf-policy", "champion").version))
@@ -47,13 +57,22 @@ def test_champion_moves_only_to_a_better_policy(tmp_path: Path) -> None:
 
 def test_the_champion_is_judged_in_the_same_evaluation_as_the_candidate(tmp_path: Path) -> None:
     # Given a champion whose own (older) evaluation stored 1.4, on other prompts.
-    config = parse_config({
-        "name": "promotion", "work_dir": str(tmp_path / "runs"),
-        "datasets": {"demonstrations": {"path": "d.jsonl"}, "preferences": {"path": "p.jsonl"},
-                     "prompts_eval": {"path": "e.jsonl"}},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "promotion",
-                     "promotion_metric": "eval/win_rate_gold"},
-    })
+    config = parse_config(
+        {
+            "name": "promotion",
+            "work_dir": str(tmp_path / "runs"),
+            "datasets": {
+                "demonstrations": {"path": "d.jsonl"},
+                "preferences": {"path": "p.jsonl"},
+                "prompts_eval": {"path": "e.jsonl"},
+            },
+            "tracking": {
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "experiment_name": "promotion",
+                "promotion_metric": "eval/win_rate_gold",
+            },
+        }
+    )
     env = start_pipeline_run(config)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -65,8 +84,13 @@ def test_the_champion_is_judged_in_the_same_evaluation_as_the_candidate(tmp_path
         per_model = {"policy": {"eval/win_rate_gold": own}}
         if champion_now is not None:
             per_model["champion"] = {"eval/win_rate_gold": champion_now}
-        evaluation = StagePointer(stage="evaluate", cache_key=f"e{i}", run_id=run_id,
-                                  metrics={"eval/win_rate_gold": own}, extra={"per_model": per_model})
+        evaluation = StagePointer(
+            stage="evaluate",
+            cache_key=f"e{i}",
+            run_id=run_id,
+            metrics={"eval/win_rate_gold": own},
+            extra={"per_model": per_model},
+        )
         policy = StagePointer(stage="dpo", cache_key=f"k{i}", run_id=run_id, model_uri=uri, model_dir=str(model_dir))
         return register_policy(env, policy, evaluation).promoted
 

@@ -120,9 +120,7 @@ def test_a_ranking_is_scored_once_and_yields_all_pairs(
     scored from the same sequences in a separate preference batch."""
     model = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32).eval()
     rows = rankings(2)
-    batch = collate_comparisons(
-        encode_comparisons(tiny_tokenizer, rows, _config()), tiny_tokenizer.pad_token_id, CPU
-    )
+    batch = collate_comparisons(encode_comparisons(tiny_tokenizer, rows, _config()), tiny_tokenizer.pad_token_id, CPU)
     assert batch["input_ids"].shape[0] == 6
     assert batch["chosen_index"].tolist() == [0, 0, 1, 3, 3, 4]
     assert batch["rejected_index"].tolist() == [1, 2, 2, 4, 5, 5]
@@ -149,9 +147,7 @@ def test_margin_column_enters_the_loss(tiny_model_dir: Path, tiny_tokenizer: Pre
     """With a margin m per pair the loss is −log σ(r_w − r_l − m), computed here from the scores by hand."""
     model = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32).eval()
     rows = [{**row, "margin": m} for row, m in zip(preferences(3), [0.0, 1.5, 3.0], strict=True)]
-    batch = collate_comparisons(
-        encode_comparisons(tiny_tokenizer, rows, _config()), tiny_tokenizer.pad_token_id, CPU
-    )
+    batch = collate_comparisons(encode_comparisons(tiny_tokenizer, rows, _config()), tiny_tokenizer.pad_token_id, CPU)
     with torch.no_grad():
         loss_sum, _ = reward_stage(tiny_tokenizer.pad_token_id, CPU).loss(model, batch)
         scores = score_batch(model, batch)
@@ -160,9 +156,7 @@ def test_margin_column_enters_the_loss(tiny_model_dir: Path, tiny_tokenizer: Pre
     torch.testing.assert_close(loss_sum, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_training_scores_match_the_shared_scorer(
-    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_training_scores_match_the_shared_scorer(tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     """The trainer's scorer and `models.score_sequences` (used by PPO and evaluation) agree exactly."""
     model = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32).eval()
     pairs = encode_comparisons(tiny_tokenizer, preferences(3), _config())
@@ -175,9 +169,7 @@ def test_training_scores_match_the_shared_scorer(
 
 def test_rankings_train_the_reward_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     logger = ListLogger()
-    result = train_reward_model(
-        _config(max_steps=8), tiny_model_dir, rankings(16), rankings(6), tmp_path, logger
-    )
+    result = train_reward_model(_config(max_steps=8), tiny_model_dir, rankings(16), rankings(6), tmp_path, logger)
     assert result.metrics["rm/eval_accuracy"] >= 0.8
     assert logger.series("rm/loss")[-1] < logger.series("rm/loss")[0]
 
@@ -188,9 +180,7 @@ def test_normalisation_stores_the_offset_as_the_head_bias(
     """Given `normalize_rewards`, then the saved head has bias −μ, where μ is the mean bias-free score of
     every training response, so the training responses score mean 0 with the bias applied."""
     rows = preferences(8)
-    result = train_reward_model(
-        _config(max_steps=4, normalize_rewards=True), tiny_model_dir, rows, [], tmp_path
-    )
+    result = train_reward_model(_config(max_steps=4, normalize_rewards=True), tiny_model_dir, rows, [], tmp_path)
     offset = result.metrics["rm/reward_offset"]
     weights = _weights(result.model_dir)
     assert weights["score.bias"].item() == pytest.approx(-offset, abs=1e-6)

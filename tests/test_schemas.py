@@ -26,9 +26,16 @@ GOOD: dict[str, list[dict[str, Any]]] = {
         {"prompt": [USER], "response": [ASSISTANT]},
     ],
     "preference": [
-        {"prompt": "I was charged twice.", "chosen": "I've refunded the duplicate charge.", "rejected": "Not my problem."},
-        {"prompt": [{"role": "system", "content": "Be kind."}, USER], "chosen": [ASSISTANT],
-         "rejected": [{"role": "assistant", "content": "Wait."}]},
+        {
+            "prompt": "I was charged twice.",
+            "chosen": "I've refunded the duplicate charge.",
+            "rejected": "Not my problem.",
+        },
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, USER],
+            "chosen": [ASSISTANT],
+            "rejected": [{"role": "assistant", "content": "Wait."}],
+        },
     ],
     "ranking": [
         {"prompt": "My blender broke.", "responses": ["I've sent a replacement.", "Sorry.", "Go away."]},
@@ -67,45 +74,129 @@ CASES = [
     ("demonstration", {"prompt": 7, "response": "ok"}, "prompt", "type", "expected a string or a list", "7"),
     ("demonstration", {"prompt": "Help", "response": ""}, "response", "not_blank", "empty string", '""'),
     ("demonstration", {"prompt": "  \n\t", "response": "ok"}, "prompt", "not_blank", "blank string", '"  \\n\\t"'),
-    ("demonstration", {"prompt": [{"role": "user", "content": " "}], "response": "ok"}, "prompt", "not_blank",
-     "message 0 has empty or blank content", '[{"role": "user", "content": " "}]'),
+    (
+        "demonstration",
+        {"prompt": [{"role": "user", "content": " "}], "response": "ok"},
+        "prompt",
+        "not_blank",
+        "message 0 has empty or blank content",
+        '[{"role": "user", "content": " "}]',
+    ),
     ("demonstration", {"prompt": [], "response": "ok"}, "prompt", "message_format", "empty message list", "[]"),
-    ("demonstration", {"prompt": [{"role": "user"}], "response": "ok"}, "prompt", "message_format",
-     "message 0 has no string 'content'", '[{"role": "user"}]'),
-    ("demonstration", {"prompt": [{"role": "customer", "content": "hi"}], "response": "ok"}, "prompt", "roles",
-     "unknown role 'customer'", '[{"role": "customer", "content": "hi"}]'),
-    ("prompt", {"prompt": [USER, {"role": "user", "content": "hello?"}]}, "prompt", "roles",
-     "roles must alternate user/assistant: message 1 is 'user', expected 'assistant'", None),
-    ("prompt", {"prompt": [USER, {"role": "system", "content": "x"}]}, "prompt", "roles",
-     "'system' only as the first message, found at message 1", None),
+    (
+        "demonstration",
+        {"prompt": [{"role": "user"}], "response": "ok"},
+        "prompt",
+        "message_format",
+        "message 0 has no string 'content'",
+        '[{"role": "user"}]',
+    ),
+    (
+        "demonstration",
+        {"prompt": [{"role": "customer", "content": "hi"}], "response": "ok"},
+        "prompt",
+        "roles",
+        "unknown role 'customer'",
+        '[{"role": "customer", "content": "hi"}]',
+    ),
+    (
+        "prompt",
+        {"prompt": [USER, {"role": "user", "content": "hello?"}]},
+        "prompt",
+        "roles",
+        "roles must alternate user/assistant: message 1 is 'user', expected 'assistant'",
+        None,
+    ),
+    (
+        "prompt",
+        {"prompt": [USER, {"role": "system", "content": "x"}]},
+        "prompt",
+        "roles",
+        "'system' only as the first message, found at message 1",
+        None,
+    ),
     ("prompt", {"prompt": [USER, ASSISTANT]}, "prompt", "roles", "a prompt must end with a user message", None),
-    ("prompt", {"prompt": [{"role": "system", "content": "Be kind."}]}, "prompt", "roles",
-     "a prompt needs a user message after the system message", None),
-    ("demonstration", {"prompt": [USER], "response": [ASSISTANT, ASSISTANT]}, "response", "roles",
-     "expected exactly one assistant message, got roles ['assistant', 'assistant']", None),
-    ("demonstration", {"prompt": [USER], "response": [USER]}, "response", "roles",
-     "expected exactly one assistant message, got roles ['user']", None),
-    ("preference", {"prompt": "Refund?", "chosen": "Same answer.", "rejected": " Same answer. "},
-     "chosen, rejected", "chosen_differs_from_rejected", "chosen and rejected are the same response",
-     '"Same answer."'),
-    ("preference", {"prompt": [USER], "chosen": [ASSISTANT], "rejected": "plain"}, "chosen, rejected",
-     "same_format", "chosen and rejected must both be strings or both messages",
-     '{"chosen": [{"role": "assistant", "content": "I\'ve reshipped order #123456 by e…'),
-    ("ranking", {"prompt": "Late order", "responses": ["Only one"]}, "responses", "ranking_size",
-     "1 responses, a ranking needs 2 to 16", '["Only one"]'),
-    ("ranking", {"prompt": "Late order", "responses": "best, worst"}, "responses", "type",
-     "expected a list of responses, got str", '"best, worst"'),
-    ("ranking", {"prompt": "Late order", "responses": ["Good", "  "]}, "responses", "ranked_response",
-     "response 1: blank string (only whitespace)", '["Good", "  "]'),
-    ("ranking", {"prompt": "Late order", "responses": ["A", "B", "A"]}, "responses", "distinct_responses",
-     "responses 0 and 2 are identical", '["A", "B", "A"]'),
+    (
+        "prompt",
+        {"prompt": [{"role": "system", "content": "Be kind."}]},
+        "prompt",
+        "roles",
+        "a prompt needs a user message after the system message",
+        None,
+    ),
+    (
+        "demonstration",
+        {"prompt": [USER], "response": [ASSISTANT, ASSISTANT]},
+        "response",
+        "roles",
+        "expected exactly one assistant message, got roles ['assistant', 'assistant']",
+        None,
+    ),
+    (
+        "demonstration",
+        {"prompt": [USER], "response": [USER]},
+        "response",
+        "roles",
+        "expected exactly one assistant message, got roles ['user']",
+        None,
+    ),
+    (
+        "preference",
+        {"prompt": "Refund?", "chosen": "Same answer.", "rejected": " Same answer. "},
+        "chosen, rejected",
+        "chosen_differs_from_rejected",
+        "chosen and rejected are the same response",
+        '"Same answer."',
+    ),
+    (
+        "preference",
+        {"prompt": [USER], "chosen": [ASSISTANT], "rejected": "plain"},
+        "chosen, rejected",
+        "same_format",
+        "chosen and rejected must both be strings or both messages",
+        '{"chosen": [{"role": "assistant", "content": "I\'ve reshipped order #123456 by e…',
+    ),
+    (
+        "ranking",
+        {"prompt": "Late order", "responses": ["Only one"]},
+        "responses",
+        "ranking_size",
+        "1 responses, a ranking needs 2 to 16",
+        '["Only one"]',
+    ),
+    (
+        "ranking",
+        {"prompt": "Late order", "responses": "best, worst"},
+        "responses",
+        "type",
+        "expected a list of responses, got str",
+        '"best, worst"',
+    ),
+    (
+        "ranking",
+        {"prompt": "Late order", "responses": ["Good", "  "]},
+        "responses",
+        "ranked_response",
+        "response 1: blank string (only whitespace)",
+        '["Good", "  "]',
+    ),
+    (
+        "ranking",
+        {"prompt": "Late order", "responses": ["A", "B", "A"]},
+        "responses",
+        "distinct_responses",
+        "responses 0 and 2 are identical",
+        '["A", "B", "A"]',
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "bad", "column", "rule", "reason", "value"), CASES,
-                         ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("kind", "bad", "column", "rule", "reason", "value"), CASES, ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_each_rule_rejects_its_violation_with_file_row_column_rule_and_value(
-        tmp_path: Path, kind: str, bad: dict, column: str, rule: str, reason: str, value: str | None) -> None:
+    tmp_path: Path, kind: str, bad: dict, column: str, rule: str, reason: str, value: str | None
+) -> None:
     # Given valid rows of the kind, a blank line, and then the one bad row (row 3, line 4 of the file).
     good = GOOD[kind]
     path = tmp_path / "data.jsonl"
@@ -113,8 +204,7 @@ def test_each_rule_rejects_its_violation_with_file_row_column_rule_and_value(
 
     # When it is loaded, then exactly that row is rejected, precisely.
     failure = only_failure(path, kind)
-    assert (failure.source, failure.row, failure.line, failure.column, failure.rule) == (str(path), 3, 4, column,
-                                                                                           rule)
+    assert (failure.source, failure.row, failure.line, failure.column, failure.rule) == (str(path), 3, 4, column, rule)
     assert failure.message.startswith(reason), failure.message
     assert failure.value == (value if value is not None else shown(bad[column.split(",")[0]]))
     # And without the bad row the file is accepted.
@@ -138,8 +228,11 @@ def test_unknown_column_is_rejected_per_row_unless_allowed(tmp_path: Path) -> No
     assert "a demonstration row has: prompt, response" in failure.message
 
     kept = load_rows(path, "demonstration", allow_extra_columns=True)
-    assert kept.rows[0] == {"prompt": "Where is order #48213?", "response": "I've reshipped it; it arrives Friday.",
-                            "source": "web"}
+    assert kept.rows[0] == {
+        "prompt": "Where is order #48213?",
+        "response": "I've reshipped it; it arrives Friday.",
+        "source": "web",
+    }
 
 
 def test_a_column_missing_from_every_row_is_one_failure_about_the_whole_file(tmp_path: Path) -> None:
@@ -149,17 +242,38 @@ def test_a_column_missing_from_every_row_is_one_failure_about_the_whole_file(tmp
     assert failure.message == "column missing from every row"
 
 
-@pytest.mark.parametrize(("limits", "row", "column", "rule", "reason"), [
-    (DataLimits(max_response_chars=10), {"prompt": "Hi", "response": "eleven char"}, "response", "max_length",
-     "11 characters, limit 10"),
-    (DataLimits(max_prompt_chars=5), {"prompt": [{"role": "user", "content": "abc"}, ASSISTANT,
-                                                 {"role": "user", "content": "def"}], "response": "ok"},
-     "prompt", "max_length", "46 characters, limit 5"),  # 3 + 40 + 3
-    (DataLimits(max_messages=2), {"prompt": [USER, ASSISTANT, USER], "response": "ok"}, "prompt", "max_messages",
-     "3 messages, limit 2"),
-])
-def test_size_limits_are_configurable(tmp_path: Path, limits: DataLimits, row: dict, column: str, rule: str,
-                                      reason: str) -> None:
+@pytest.mark.parametrize(
+    ("limits", "row", "column", "rule", "reason"),
+    [
+        (
+            DataLimits(max_response_chars=10),
+            {"prompt": "Hi", "response": "eleven char"},
+            "response",
+            "max_length",
+            "11 characters, limit 10",
+        ),
+        (
+            DataLimits(max_prompt_chars=5),
+            {
+                "prompt": [{"role": "user", "content": "abc"}, ASSISTANT, {"role": "user", "content": "def"}],
+                "response": "ok",
+            },
+            "prompt",
+            "max_length",
+            "46 characters, limit 5",
+        ),  # 3 + 40 + 3
+        (
+            DataLimits(max_messages=2),
+            {"prompt": [USER, ASSISTANT, USER], "response": "ok"},
+            "prompt",
+            "max_messages",
+            "3 messages, limit 2",
+        ),
+    ],
+)
+def test_size_limits_are_configurable(
+    tmp_path: Path, limits: DataLimits, row: dict, column: str, rule: str, reason: str
+) -> None:
     path = write_jsonl(tmp_path / "long.jsonl", [row])
     assert load_rows(path, "demonstration").num_rows == 1  # within the default limits
     failure = only_failure(path, "demonstration", limits=limits)
@@ -194,23 +308,30 @@ def test_plain_variant_reports_both_columns_of_a_conversational_row(tmp_path: Pa
     with pytest.raises(DataValidationError) as plain:
         load_rows(path, "demonstration", conversational=False)
     assert [(f.row, f.column, f.rule, f.message) for f in plain.value.report] == [
-        (2, "prompt", "type", "expected a string, got list"), (2, "response", "type", "expected a string, got list")]
+        (2, "prompt", "type", "expected a string, got list"),
+        (2, "response", "type", "expected a string, got list"),
+    ]
 
 
 def test_validation_is_lazy_every_failing_row_is_reported_at_once(tmp_path: Path) -> None:
     # Given a file with three bad rows among good ones.
-    rows = [GOOD["preference"][0],
-            {"prompt": "", "chosen": "a", "rejected": "b"},
-            GOOD["preference"][1],
-            {"prompt": "x", "chosen": "same", "rejected": "same"},
-            {"prompt": "y", "chosen": "a", "rejected": "b", "rating": 5}]
+    rows = [
+        GOOD["preference"][0],
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        GOOD["preference"][1],
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+        {"prompt": "y", "chosen": "a", "rejected": "b", "rating": 5},
+    ]
     path = write_jsonl(tmp_path / "three_bad.jsonl", rows)
     with pytest.raises(DataValidationError) as caught:
         load_rows(path, "preference")
     report = caught.value.report
     # Then one error carries all three, in row order, and its message names each row.
-    assert [(f.row, f.rule) for f in report] == [(2, "not_blank"), (4, "chosen_differs_from_rejected"),
-                                                 (5, "unknown_column")]
+    assert [(f.row, f.rule) for f in report] == [
+        (2, "not_blank"),
+        (4, "chosen_differs_from_rejected"),
+        (5, "unknown_column"),
+    ]
     assert report.failing_rows == [2, 4, 5]
     message = str(caught.value)
     assert message.splitlines()[0] == f"{path}: invalid preference data: 3 failure(s) in 3 failing row(s) of 5:"
@@ -220,8 +341,9 @@ def test_validation_is_lazy_every_failing_row_is_reported_at_once(tmp_path: Path
 
 def test_long_values_are_truncated_to_80_characters(tmp_path: Path) -> None:
     long = "x" * 500
-    failure = only_failure(write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi", "chosen": long, "rejected": long}]),
-                           "preference")
+    failure = only_failure(
+        write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi", "chosen": long, "rejected": long}]), "preference"
+    )
     assert len(failure.value) == 80 and failure.value == '"' + "x" * 78 + "…"
 
 
@@ -242,21 +364,34 @@ def test_report_is_written_as_markdown_and_json(tmp_path: Path) -> None:
     as_json = json.loads(caught.value.write_report(tmp_path / "report" / "validation.json").read_text())
 
     assert markdown.startswith("# Data validation failed\n")
-    assert "| 1 | 1 | chosen, rejected | chosen_differs_from_rejected | chosen and rejected are the same response |" \
-           ' `"x"` |' in markdown
+    assert (
+        "| 1 | 1 | chosen, rejected | chosen_differs_from_rejected | chosen and rejected are the same response |"
+        ' `"x"` |' in markdown
+    )
     assert as_json["source"] == str(path) and as_json["kind"] == "preference" and as_json["num_rows"] == 1
-    assert as_json["failures"] == [{"source": str(path), "row": 1, "line": 1, "column": "chosen, rejected",
-                                    "rule": "chosen_differs_from_rejected",
-                                    "message": "chosen and rejected are the same response", "value": '"x"'}]
+    assert as_json["failures"] == [
+        {
+            "source": str(path),
+            "row": 1,
+            "line": 1,
+            "column": "chosen, rejected",
+            "rule": "chosen_differs_from_rejected",
+            "message": "chosen and rejected are the same response",
+            "value": '"x"',
+        }
+    ]
 
 
-@pytest.mark.parametrize(("text", "span"), [
-    ("plain", "`plain`"),
-    ("a ` b", "``a ` b``"),
-    ("``x``", "``` ``x`` ```"),
-    ("two\nlines\r\nthree", "`two lines three`"),
-    (" padded ", "`  padded  `"),
-])
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ("plain", "`plain`"),
+        ("a ` b", "``a ` b``"),
+        ("``x``", "``` ``x`` ```"),
+        ("two\nlines\r\nthree", "`two lines three`"),
+        (" padded ", "`  padded  `"),
+    ],
+)
 def test_a_code_span_holds_any_text_on_one_line(text: str, span: str) -> None:
     """CommonMark: a code span's fence is longer than any backtick run inside; content that starts or ends with
     a backtick, or with a space at both ends, is padded by one space (which the renderer strips)."""

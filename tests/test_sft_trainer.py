@@ -50,8 +50,7 @@ def demonstrations(n: int, offset: int = 0) -> list[dict]:
         rows.append(
             {
                 "prompt": f"Hello, {issue}. Order {i}." + " Please help." * (i % 3),
-                "response": f"I am sorry that {issue}. I will fix order {i} for you today."
-                + " Thank you." * (i % 2),
+                "response": f"I am sorry that {issue}. I will fix order {i} for you today." + " Thank you." * (i % 2),
             }
         )
     return rows
@@ -78,9 +77,7 @@ def test_sft_loss_falls_and_final_model_is_saved(tiny_model_dir: Path, tmp_path:
     loss fall, every metric is reported and `output_dir/model` loads as a causal LM."""
     logger = ListLogger()
     train_rows = Dataset.from_list(demonstrations(24))
-    result = train_sft(
-        _config(eval_every=6), tiny_model_dir, train_rows, demonstrations(8, 100), tmp_path, logger
-    )
+    result = train_sft(_config(eval_every=6), tiny_model_dir, train_rows, demonstrations(8, 100), tmp_path, logger)
     losses = logger.series("sft/loss")
     eval_losses = logger.series("sft/eval_loss")
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
@@ -157,9 +154,7 @@ def test_packed_batch_gives_the_same_per_sample_loss_and_no_cross_attention(
     def row_logits(batch: dict) -> torch.Tensor:
         mask = block_causal_mask(batch["segment_ids"], torch.float32)
         with torch.no_grad():
-            return model(
-                input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-            ).logits
+            return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
 
     logits = row_logits(packed)
     first_len = len(pairs[0].prompt_ids) + len(pairs[0].response_ids)
@@ -220,9 +215,7 @@ def test_one_by_eight_equals_eight_by_one_gradient_accumulation(tiny_model_dir: 
     one = _config(max_steps=1, batch_size=8, grad_accum_steps=1)
     eight = _config(max_steps=1, batch_size=1, grad_accum_steps=8)
     results = {}
-    grads_one = captured_gradients(
-        lambda: results.update(a=train_sft(one, tiny_model_dir, rows, [], tmp_path / "a"))
-    )
+    grads_one = captured_gradients(lambda: results.update(a=train_sft(one, tiny_model_dir, rows, [], tmp_path / "a")))
     grads_eight = captured_gradients(
         lambda: results.update(b=train_sft(eight, tiny_model_dir, rows, [], tmp_path / "b"))
     )
@@ -352,7 +345,5 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_loadable(tiny_model_dir: P
     assert not (tmp_path / "model").exists()
     checkpoint_weights = load_file(str(error.value.last_checkpoint / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in checkpoint_weights.values())
-    result = train_sft(
-        _config(max_steps=6, checkpoint_every=2), tiny_model_dir, demonstrations(8), [], tmp_path
-    )
+    result = train_sft(_config(max_steps=6, checkpoint_every=2), tiny_model_dir, demonstrations(8), [], tmp_path)
     assert result.resumed_from_step == 2 and math.isfinite(result.metrics["sft/loss"])

@@ -13,11 +13,10 @@ import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_core import tiny
+from rlhf_core.gold_judge import EMPTY_SCORE, entities
 from rlhf_core.support_bot import (
-    EMPTY_SCORE,
     STYLES,
     SupportBotSizes,
-    entities,
     generate,
     gold_score,
     main,
@@ -29,8 +28,14 @@ from rlhf_core.support_bot import (
 from schemas import content_digest, load_rows
 
 DATA = Path(__file__).parents[1] / "data" / "support_bot"
-KINDS = {"demonstrations": "demonstration", "demonstrations_chat": "demonstration", "preferences": "preference",
-         "rankings": "ranking", "prompts_train": "prompt", "prompts_eval": "prompt"}
+KINDS = {
+    "demonstrations": "demonstration",
+    "demonstrations_chat": "demonstration",
+    "preferences": "preference",
+    "rankings": "ranking",
+    "prompts_train": "prompt",
+    "prompts_eval": "prompt",
+}
 VADER = SentimentIntensityAnalyzer()
 PROMPT = "My order #48213 was charged twice, $23.45 each time. Fix it! - Maria"
 
@@ -63,8 +68,14 @@ def test_another_seed_gives_other_data() -> None:
 def test_manifest_counts_and_digests_match_the_files(rows: dict[str, list[dict]]) -> None:
     manifest = json.loads((DATA / "manifest.json").read_text())
     sizes = vars(SupportBotSizes())
-    assert sizes == {"demonstrations": 600, "demonstrations_chat": 32, "preferences": 600, "rankings": 150,
-                     "prompts_train": 200, "prompts_eval": 64}
+    assert sizes == {
+        "demonstrations": 600,
+        "demonstrations_chat": 32,
+        "preferences": 600,
+        "rankings": 150,
+        "prompts_train": 200,
+        "prompts_eval": 64,
+    }
     for name, kind in KINDS.items():
         info = manifest["files"][f"{name}.jsonl"]
         loaded = load_rows(DATA / f"{name}.jsonl", kind)  # every bundled file passes validation
@@ -81,15 +92,13 @@ def test_scale_multiplies_every_file() -> None:
         generate(scale=0)
 
 
-def test_prompts_are_distinct_and_held_out_prompts_never_appear_in_training_files(
-        rows: dict[str, list[dict]]) -> None:
+def test_prompts_are_distinct_and_held_out_prompts_never_appear_in_training_files(rows: dict[str, list[dict]]) -> None:
     def prompts(name: str) -> list[str]:
         return [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in rows[name]]
 
     everything = [p for name in KINDS for p in prompts(name)]
     assert len(everything) == len(set(everything)) == sum(vars(SupportBotSizes()).values())
-    assert set(prompts("prompts_eval")).isdisjoint(p for name in KINDS if name != "prompts_eval"
-                                                   for p in prompts(name))
+    assert set(prompts("prompts_eval")).isdisjoint(p for name in KINDS if name != "prompts_eval" for p in prompts(name))
 
 
 def test_prompts_vary_combinatorially(rows: dict[str, list[dict]]) -> None:
@@ -136,8 +145,9 @@ def test_empty_long_and_repetitive_replies_are_penalised() -> None:
     base = "I've refunded order #48213."
     assert gold_score(PROMPT, base) == pytest.approx(VADER.polarity_scores(base)["compound"] + 2, abs=1e-12)
     repetitive = "refund refund refund refund refund refund refund refund"  # 8 words, 1 distinct
-    assert gold_score(PROMPT, repetitive) == pytest.approx(VADER.polarity_scores(repetitive)["compound"] + 1 - 1,
-                                                           abs=1e-12)
+    assert gold_score(PROMPT, repetitive) == pytest.approx(
+        VADER.polarity_scores(repetitive)["compound"] + 1 - 1, abs=1e-12
+    )
     long = base + " " + " ".join(f"w{i}" for i in range(80))  # 84 distinct words
     assert gold_score(PROMPT, long) == pytest.approx(VADER.polarity_scores(long)["compound"] + 2 - 1, abs=1e-12)
 
@@ -145,8 +155,9 @@ def test_empty_long_and_repetitive_replies_are_penalised() -> None:
 def test_entities_are_whole_numbers_of_at_least_three_characters() -> None:
     assert entities(PROMPT) == {"48213", "23.45"}
     assert entities("within 3-5 days, on the 2nd, account C-4821") == {"3-5", "4821"}
-    assert gold_score("Order #482135", "We refund within 3 days.") == gold_score("Order #999999", "We refund within "
-                                                                                 "3 days.")
+    assert gold_score("Order #482135", "We refund within 3 days.") == gold_score(
+        "Order #999999", "We refund within 3 days."
+    )
 
 
 def test_gold_score_accepts_conversations() -> None:
@@ -209,6 +220,7 @@ def test_tokenizer_corpus_is_the_seeded_support_corpus() -> None:
 def test_support_bot_imports_no_pandas_or_pandera() -> None:
     # rlhf_core may not depend on the data layer (docs/architecture.md): a fresh interpreter proves it.
     code = "import sys, rlhf_core.support_bot; print(sorted({'pandas', 'pandera'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
     assert out.stdout.strip() == "[]"

@@ -267,17 +267,13 @@ def test_non_finite_gradient_raises_before_the_update(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_reference_is_the_base_model_with_adapters_disabled(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Given a LoRA policy trained a few steps, when run inside `reference_model`, then it computes exactly
     the original model's logits, its base weights are bit-identical to the original, and only the adapters
     changed; outside the context the policy differs and is back in train mode."""
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     config = TrainerConfig(max_steps=3, batch_size=1, learning_rate=1e-2, lora=LoRAConfig(r=4))
-    policy = apply_lora(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), config.lora
-    )
+    policy = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), config.lora)
     session = start_session(config, make_accelerator(config), policy, tmp_path)
     ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
     for _ in range(3):
@@ -368,8 +364,9 @@ def test_without_a_terminal_the_progress_bar_is_a_plain_line_every_tenth_of_the_
 
     lines = out.getvalue().splitlines()
     # A stride of 3 steps (a tenth of 25, rounded up): steps 3, 6, …, 24, then the last step on close.
-    assert [line.split(",")[0] for line in lines] == [f"sft: step {n}/25 ({100 * n / 25:.0f}%)"
-                                                      for n in (*range(3, 25, 3), 25)]
+    assert [line.split(",")[0] for line in lines] == [
+        f"sft: step {n}/25 ({100 * n / 25:.0f}%)" for n in (*range(3, 25, 3), 25)
+    ]
     assert "loss=0.3333" in lines[0] and "about" in lines[0] and " s left" in lines[0]
     assert "loss=0.0400" in lines[-1] and "left" not in lines[-1]
     # Pytest's captured stderr is no terminal: an enabled bar is the plain one, a disabled one stays silent.

@@ -109,9 +109,7 @@ class TrainerConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(
-                f"lr_schedule must be 'constant', 'linear' or 'cosine', got {self.lr_schedule!r}"
-            )
+            raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {self.lr_schedule!r}")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
             raise ValueError(f"eval_batch_size must be > 0 or None, got {self.eval_batch_size}")
 

@@ -63,7 +63,4 @@ def shard_global_batch(
     expected = batch_size * grad_accum_steps * num_processes
     if len(indices) != expected:
         raise ValueError(f"global batch has {len(indices)} rows, expected {expected}")
-    return [
-        indices[(a * num_processes + process_index) * batch_size :][:batch_size]
-        for a in range(grad_accum_steps)
-    ]
+    return [indices[(a * num_processes + process_index) * batch_size :][:batch_size] for a in range(grad_accum_steps)]

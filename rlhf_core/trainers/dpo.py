@@ -110,6 +110,7 @@ def encode_preferences(
     """`{"prompt", "chosen", "rejected"}` rows → tokenised pairs (the prompt encoded identically twice)."""
 
     config = resolve_from_rows(config, tokenizer, rows)  # "auto" limits: from these rows
+
     def encode(row: dict, response: object) -> EncodedPair:
         return encode_prompt_response(
             tokenizer, row["prompt"], response, config.max_prompt_len, config.max_response_len
@@ -154,16 +155,21 @@ def _collate_shared_prompt(pairs: Sequence[PreferencePair], pad_id: int) -> dict
     for i, ids in enumerate(responses):
         response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         response_mask[i, : len(ids)] = 1
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask}
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "response_ids": response_ids,
+        "response_mask": response_mask,
+    }
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`(chosen_logps, rejected_logps)`, each `[B]`: sequence log-probs of a `collate_pairs` batch, with the
     prompt computed once per pair when the batch shares it, else from one forward over `[2B, L]`."""
     if "prompt_ids" in batch:
-        logps = shared_prompt_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                                       batch["response_mask"])  # [B, 2]
+        logps = shared_prompt_logprobs(
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+        )  # [B, 2]
         return logps[:, 0], logps[:, 1]
     logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     half = logps.shape[0] // 2
@@ -245,9 +251,7 @@ def reference_logps(
     frozen = None
     if config.lora is None:
         frozen = freeze(
-            disable_dropout(
-                AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
-            )
+            disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True))
         )
         frozen.to(accelerator.device)
     with reference_model(policy, frozen) as ref:
@@ -354,9 +358,7 @@ def train_dpo(
 
     train_pairs = encode_preferences(tokenizer, train_rows, config)
     eval_pairs = encode_preferences(tokenizer, eval_rows, config)
-    logps = reference_logps(
-        accelerator, model, sft_model_path, train_pairs + eval_pairs, pad_id, config, output_dir
-    )
+    logps = reference_logps(accelerator, model, sft_model_path, train_pairs + eval_pairs, pad_id, config, output_dir)
     train_pairs = _with_reference(train_pairs, logps[: len(train_pairs)])
     eval_pairs = _with_reference(eval_pairs, logps[len(train_pairs) :])
 

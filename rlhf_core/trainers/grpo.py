@@ -131,13 +131,16 @@ class GRPOConfig(OnPolicyConfig):
             raise ValueError("need num_samples_per_prompt >= 2 (a group) and prompts_per_iteration >= 1")
         minibatch = self.batch_size * self.grad_accum_steps
         if self.rollouts_per_iteration % minibatch:
-            raise ValueError(f"prompts_per_iteration × num_samples_per_prompt ({self.rollouts_per_iteration}) must "
-                             f"be a multiple of batch_size × grad_accum_steps ({minibatch})")
+            raise ValueError(
+                f"prompts_per_iteration × num_samples_per_prompt ({self.rollouts_per_iteration}) must "
+                f"be a multiple of batch_size × grad_accum_steps ({minibatch})"
+            )
         if self.epochs <= 0 or not self.clip_eps > 0 or self.kl_coef < 0 or self.kl_in not in ("loss", "reward"):
             raise ValueError("need epochs > 0, clip_eps > 0, kl_coef >= 0 and kl_in in ('loss', 'reward')")
         if self.loss_aggregation not in ("token", "sequence", "constant"):
-            raise ValueError(f"loss_aggregation must be 'token', 'sequence' or 'constant', got "
-                             f"{self.loss_aggregation!r}")
+            raise ValueError(
+                f"loss_aggregation must be 'token', 'sequence' or 'constant', got {self.loss_aggregation!r}"
+            )
 
     @property
     def rollouts_per_iteration(self) -> int:
@@ -146,11 +149,17 @@ class GRPOConfig(OnPolicyConfig):
     def experience_config(self) -> ExperienceConfig:
         """The sampling and score-shaping settings (only the no-EOS penalty shapes scores here)."""
         if unresolved(self):
-            raise ValueError(f"{self.algorithm} lengths {unresolved(self)} are 'auto': resolve them from the data "
-                             "first (rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers")
-        return ExperienceConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                max_prompt_len=self.max_prompt_len, missing_eos_score=self.missing_eos_score,
-                                old_logprobs=self.old_logprobs_source)
+            raise ValueError(
+                f"{self.algorithm} lengths {unresolved(self)} are 'auto': resolve them from the data "
+                "first (rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers"
+            )
+        return ExperienceConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            max_prompt_len=self.max_prompt_len,
+            missing_eos_score=self.missing_eos_score,
+            old_logprobs=self.old_logprobs_source,
+        )
 
 
 @dataclass
@@ -181,8 +190,9 @@ def group_advantages(scores: torch.Tensor, config: GRPOConfig) -> torch.Tensor:
     return grpo_advantages(grouped, scale_by_std=config.scale_by_std).flatten()
 
 
-def rollout_metrics(rollout: GenerationOutput, raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
-                    k: int) -> dict[str, float]:
+def rollout_metrics(
+    rollout: GenerationOutput, raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor, k: int
+) -> dict[str, float]:
     """Diagnostics of one iteration's samples (un-prefixed): the reward over all samples and within groups (a
     group whose scores are all equal teaches nothing), per-response KL, length, no-EOS share, distinct-2."""
     group_std = scores.view(-1, k).std(dim=1)  # [prompts]
@@ -206,16 +216,29 @@ def policy_logprobs(actor: nn.Module, rollout: GenerationOutput, temperature: fl
     was_training = actor.training
     actor.eval()
     try:
-        return response_forward(actor, rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids,
-                                rollout.response_mask, temperature).logprobs
+        return response_forward(
+            actor,
+            rollout.prompt_ids,
+            rollout.prompt_attention_mask,
+            rollout.response_ids,
+            rollout.response_mask,
+            temperature,
+        ).logprobs
     finally:
         actor.train(was_training)
 
 
 @torch.no_grad()
-def make_group_rollout(session: Session, reference: nn.Module | None, scorer: RewardScorer,
-                       tokenizer: PreTrainedTokenizerBase, prompts: Sequence, config: GRPOConfig, seed: int,
-                       timings: dict[str, float]) -> tuple[GroupRollout, dict[str, float]]:
+def make_group_rollout(
+    session: Session,
+    reference: nn.Module | None,
+    scorer: RewardScorer,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    config: GRPOConfig,
+    seed: int,
+    timings: dict[str, float],
+) -> tuple[GroupRollout, dict[str, float]]:
     """Sample K responses per prompt, score them, and turn the scores into group-relative advantages."""
     started, xcfg, k = time.perf_counter(), config.experience_config(), config.num_samples_per_prompt
     actor = session.unwrapped
@@ -223,8 +246,9 @@ def make_group_rollout(session: Session, reference: nn.Module | None, scorer: Re
     rollout = generate(actor, tokenizer, repeated, xcfg.sampling(seed), max_prompt_len=config.max_prompt_len)
     sampled = time.perf_counter()
     mask = rollout.response_mask
-    old_logprobs = rollout.logprobs if xcfg.old_logprobs == "sampler" else policy_logprobs(actor, rollout,
-                                                                                             config.temperature)
+    old_logprobs = (
+        rollout.logprobs if xcfg.old_logprobs == "sampler" else policy_logprobs(actor, rollout, config.temperature)
+    )
     ref = reference_logprobs(actor, reference, rollout, config.temperature)
     raw = scorer(repeated, rollout)
     scores = shape_scores(raw, rollout.ended_with_eos, xcfg)
@@ -233,14 +257,21 @@ def make_group_rollout(session: Session, reference: nn.Module | None, scorer: Re
     timings.update(generation_s=sampled - started, scoring_s=time.perf_counter() - sampled)
     kl = sequence_kl(old_logprobs - ref, mask)  # [B] k1 per response
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    batch = GroupRollout(rollout.prompt_ids, rollout.prompt_attention_mask, rollout.response_ids, mask,
-                         torch.where(mask.bool(), old_logprobs, zero), torch.where(mask.bool(), ref, zero),
-                         group_advantages(scores, config))
+    batch = GroupRollout(
+        rollout.prompt_ids,
+        rollout.prompt_attention_mask,
+        rollout.response_ids,
+        mask,
+        torch.where(mask.bool(), old_logprobs, zero),
+        torch.where(mask.bool(), ref, zero),
+        group_advantages(scores, config),
+    )
     return batch, rollout_metrics(rollout, raw, scores, kl, k)
 
 
-def minibatch_update(session: Session, batch: GroupRollout, indices: torch.Tensor,
-                     config: GRPOConfig) -> dict[str, float]:
+def minibatch_update(
+    session: Session, batch: GroupRollout, indices: torch.Tensor, config: GRPOConfig
+) -> dict[str, float]:
     """One optimizer update on the rows `indices`: `grad_accum_steps` micro-batches, each loss weighted by its
     share of the minibatch's aggregation units (tokens or responses, all processes), so the split is exact."""
     accelerator = session.accelerator
@@ -253,14 +284,32 @@ def minibatch_update(session: Session, batch: GroupRollout, indices: torch.Tenso
     for mb in micro_batches:
         units = aggregation_units(mb.response_mask, level)
         with accelerator.accumulate(session.model):
-            out = response_forward(session.model, mb.prompt_ids, mb.prompt_attention_mask, mb.response_ids,
-                                   mb.response_mask, config.temperature)
-            loss, stats = group_policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                            config.clip_eps, level, mb.ref_logprobs if ref_in_loss else None,
-                                            config.kl_coef, int(config.max_new_tokens))
+            out = response_forward(
+                session.model,
+                mb.prompt_ids,
+                mb.prompt_attention_mask,
+                mb.response_ids,
+                mb.response_mask,
+                config.temperature,
+            )
+            loss, stats = group_policy_loss(
+                out.logprobs,
+                mb.old_logprobs,
+                mb.advantages,
+                mb.response_mask,
+                config.clip_eps,
+                level,
+                mb.ref_logprobs if ref_in_loss else None,
+                config.kl_coef,
+                int(config.max_new_tokens),
+            )
             backward_normalized(session, loss * units, global_units)
-        for key, value in {"loss": loss.detach(), "clip_fraction": stats.clip_frac, "approx_kl": stats.approx_kl,
-                           "ref_kl_per_token": stats.ref_kl}.items():
+        for key, value in {
+            "loss": loss.detach(),
+            "clip_fraction": stats.clip_frac,
+            "approx_kl": stats.approx_kl,
+            "ref_kl_per_token": stats.ref_kl,
+        }.items():
             sums[key] = sums.get(key, 0.0) + float(value) * units
     metrics = {key: value / max(global_units, 1.0) for key, value in all_reduce_sum(accelerator, sums).items()}
     ensure_finite(session, metrics["loss"], "loss")
@@ -275,8 +324,9 @@ def policy_update(session: Session, batch: GroupRollout, config: GRPOConfig, see
     totals: dict[str, float] = {}
     updates = 0
     for _ in range(config.epochs):
-        for indices in torch.randperm(len(batch), generator=generator).split(config.batch_size *
-                                                                             config.grad_accum_steps):
+        for indices in torch.randperm(len(batch), generator=generator).split(
+            config.batch_size * config.grad_accum_steps
+        ):
             for key, value in minibatch_update(session, batch, indices, config).items():
                 totals[key] = totals.get(key, 0.0) + value
             updates += 1
@@ -294,23 +344,28 @@ class GRPOModels:
     reward_model: nn.Module | None
 
 
-def load_grpo_models(config: GRPOConfig, sft_model_path: str | Path,
-                     reward_model_path: str | Path | None) -> GRPOModels:
+def load_grpo_models(
+    config: GRPOConfig, sft_model_path: str | Path, reward_model_path: str | Path | None
+) -> GRPOModels:
     """Load everything float32 on CPU with dropout off. Seeds the global RNG (LoRA init)."""
     if config.uses_reward_model and reward_model_path is None:
         raise ValueError("reward_model_weight > 0 needs a reward model path")
     set_seed(config.seed)
 
     def causal_lm() -> nn.Module:
-        return disable_dropout(AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32,
-                                                                    use_safetensors=True))
+        return disable_dropout(
+            AutoModelForCausalLM.from_pretrained(sft_model_path, dtype=torch.float32, use_safetensors=True)
+        )
 
     policy = apply_lora(causal_lm(), config.lora) if config.lora is not None else causal_lm()
     return GRPOModels(
-        tokenizer=AutoTokenizer.from_pretrained(sft_model_path), policy=policy,
+        tokenizer=AutoTokenizer.from_pretrained(sft_model_path),
+        policy=policy,
         reference=None if config.lora is not None else freeze(causal_lm()),
         reward_model=freeze(disable_dropout(load_reward_model(reward_model_path, dtype=torch.float32)))
-        if config.uses_reward_model else None)
+        if config.uses_reward_model
+        else None,
+    )
 
 
 def train_grpo(
@@ -341,9 +396,19 @@ def train_grpo(
         raise ValueError("prompts_per_iteration must be a multiple of the number of processes")
     tokenizer, reference = models.tokenizer, models.reference
     reward_model = models.reward_model.to(device) if models.reward_model is not None else None
-    rm_accuracy = check_reward_model(reward_model, tokenizer, reward_model_eval_accuracy, reward_model_eval_pairs,
-                                     config.min_reward_model_accuracy, config.weak_reward_model,
-                                     config.max_prompt_len) if reward_model is not None else None
+    rm_accuracy = (
+        check_reward_model(
+            reward_model,
+            tokenizer,
+            reward_model_eval_accuracy,
+            reward_model_eval_pairs,
+            config.min_reward_model_accuracy,
+            config.weak_reward_model,
+            config.max_prompt_len,
+        )
+        if reward_model is not None
+        else None
+    )
     scorer = build_scorer(reward_model, config.reward_model_weight, config.reward_functions)
     if reference is not None:
         reference.to(device)
@@ -362,14 +427,28 @@ def train_grpo(
         indices, state.position = sampler.take(state.position, config.prompts_per_iteration)
         batch_prompts = [prompts[i] for i in indices[rank :: accelerator.num_processes]]
         with accelerator.autocast():
-            batch, rollout = make_group_rollout(session, reference, scorer, tokenizer, batch_prompts, config,
-                                                iteration_seed(config.seed, iteration, rank, 0), timings)
+            batch, rollout = make_group_rollout(
+                session,
+                reference,
+                scorer,
+                tokenizer,
+                batch_prompts,
+                config,
+                iteration_seed(config.seed, iteration, rank, 0),
+                timings,
+            )
         rollout = mean_over_processes(accelerator, rollout)
         ensure_finite(session, rollout["score_mean"], "reward score")
         if iteration < config.dead_signal_iterations:
             # With group baselines the signal is the spread of scores *within* groups.
-            check_signal(config, state, {**rollout, "shaped_score_std": rollout["group_score_std"]}, iteration,
-                         name, section="grpo")
+            check_signal(
+                config,
+                state,
+                {**rollout, "shaped_score_std": rollout["group_score_std"]},
+                iteration,
+                name,
+                section="grpo",
+            )
         # 2. Epochs of clipped updates on the rollouts.
         update_started = time.perf_counter()
         update = policy_update(session, batch, config, iteration_seed(config.seed, iteration, rank, 1))
@@ -381,19 +460,32 @@ def train_grpo(
         elapsed = time.perf_counter() - started
         tokens = all_reduce_sum(accelerator, {"t": float(batch.response_mask.sum())})["t"]
         metrics = {f"{name}/{k}": v for k, v in {**rollout, **update}.items()}
-        metrics.update({f"{name}/tokens_per_sec": tokens / elapsed,
-                        f"{name}/samples_per_sec": config.rollouts_per_iteration / elapsed,
-                        f"{name}/peak_memory_mb": peak_memory_mb(device),
-                        **{f"{name}/time_{k}": v for k, v in timings.items()}})
+        metrics.update(
+            {
+                f"{name}/tokens_per_sec": tokens / elapsed,
+                f"{name}/samples_per_sec": config.rollouts_per_iteration / elapsed,
+                f"{name}/peak_memory_mb": peak_memory_mb(device),
+                **{f"{name}/time_{k}": v for k, v in timings.items()},
+            }
+        )
         return StepOutcome(metrics, {"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
 
     def evaluate() -> dict[str, float]:
         if not eval_prompts:
             return {}
         with accelerator.autocast():
-            return evaluate_on_prompts(accelerator, session.unwrapped, reference, scorer, tokenizer, eval_prompts,
-                                       config.experience_config(), config.seed,
-                                       config.eval_batch_size or config.batch_size, name)
+            return evaluate_on_prompts(
+                accelerator,
+                session.unwrapped,
+                reference,
+                scorer,
+                tokenizer,
+                eval_prompts,
+                config.experience_config(),
+                config.seed,
+                config.eval_batch_size or config.batch_size,
+                name,
+            )
 
     metrics = train_loop(session, name, step, evaluate)
     model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)

@@ -146,9 +146,7 @@ def train_loop(
     return {**last, **final_eval}
 
 
-def fit(
-    session: Session, stage: Stage, train_rows: Sequence[dict], eval_rows: Sequence[dict]
-) -> dict[str, float]:
+def fit(session: Session, stage: Stage, train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> dict[str, float]:
     """The supervised step of SFT, RM and DPO inside `train_loop`:
 
     1. take the next global batch from the seeded permutation stream and keep this process's micro-batches;

@@ -129,9 +129,13 @@ def evaluate_on_prompts(
     shard = list(prompts)[accelerator.process_index :: accelerator.num_processes]
     sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "no_eos": 0.0, "count": 0.0}
     for i, chunk in enumerate(_batches(shard, batch_size)):
-        rollout = generate(actor, tokenizer, chunk,
-                           sampling.sampling(iteration_seed(seed, i, accelerator.process_index, 2)),
-                           max_prompt_len=sampling.max_prompt_len)
+        rollout = generate(
+            actor,
+            tokenizer,
+            chunk,
+            sampling.sampling(iteration_seed(seed, i, accelerator.process_index, 2)),
+            max_prompt_len=sampling.max_prompt_len,
+        )
         ref = reference_logprobs(actor, reference, rollout, sampling.temperature)
         sums["score"] += float(scorer(chunk, rollout).sum())
         sums["kl"] += float(sequence_kl(rollout.logprobs - ref, rollout.response_mask).sum())
@@ -140,13 +144,22 @@ def evaluate_on_prompts(
         sums["count"] += len(chunk)
     sums = all_reduce_sum(accelerator, sums)
     n = max(sums["count"], 1.0)
-    return {f"{prefix}/eval_score_mean": sums["score"] / n, f"{prefix}/eval_kl": sums["kl"] / n,
-            f"{prefix}/eval_response_length": sums["length"] / n,
-            f"{prefix}/eval_no_eos_fraction": sums["no_eos"] / n}
+    return {
+        f"{prefix}/eval_score_mean": sums["score"] / n,
+        f"{prefix}/eval_kl": sums["kl"] / n,
+        f"{prefix}/eval_response_length": sums["length"] / n,
+        f"{prefix}/eval_no_eos_fraction": sums["no_eos"] / n,
+    }
 
 
-def check_signal(config: OnPolicyConfig, state: TrainState, rollout: dict[str, float], iteration: int, name: str,
-                 section: str | None = None) -> None:
+def check_signal(
+    config: OnPolicyConfig,
+    state: TrainState,
+    rollout: dict[str, float],
+    iteration: int,
+    name: str,
+    section: str | None = None,
+) -> None:
     """Keep the first iterations' rollout metrics in the (checkpointed) state; after the last of them, stop or
     warn when none carried a reward signal (`guards.reward_signal_problem`). `name` is the algorithm, `section`
     its config section (default: `name`)."""

@@ -140,8 +140,10 @@ class PPOConfig(OnPolicyConfig):
             self.experience_config()  # validates the rollout fields
         minibatch = self.batch_size * self.grad_accum_steps
         if self.rollout_batch_size <= 0 or self.rollout_batch_size % minibatch:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a positive multiple of "
-                             f"batch_size × grad_accum_steps ({minibatch})")
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a positive multiple of "
+                f"batch_size × grad_accum_steps ({minibatch})"
+            )
         if self.ppo_epochs <= 0 or not self.clip_eps > 0 or self.vf_coef < 0 or self.ent_coef < 0:
             raise ValueError("need ppo_epochs > 0, clip_eps > 0, vf_coef >= 0 and ent_coef >= 0")
         if self.value_clip_range is not None and not self.value_clip_range > 0:
@@ -153,19 +155,28 @@ class PPOConfig(OnPolicyConfig):
         if self.value_warmup_iterations < 0:
             raise ValueError(f"value_warmup_iterations must be >= 0, got {self.value_warmup_iterations}")
         if self.reward_model_weight == 0 and self.critic == "separate":
-            raise ValueError("critic='separate' starts the critic from the reward model: it needs "
-                             "reward_model_weight > 0")
+            raise ValueError(
+                "critic='separate' starts the critic from the reward model: it needs reward_model_weight > 0"
+            )
         if self.value_learning_rate is not None and not self.value_learning_rate > 0:
             raise ValueError(f"value_learning_rate must be > 0 or None, got {self.value_learning_rate}")
 
     def experience_config(self) -> ExperienceConfig:
         if unresolved(self):
-            raise ValueError(f"PPO lengths {unresolved(self)} are 'auto': resolve them from the data first "
-                             "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers")
+            raise ValueError(
+                f"PPO lengths {unresolved(self)} are 'auto': resolve them from the data first "
+                "(rlhf_core.lengths.resolve_lengths; the pipeline does) or set integers"
+            )
         return ExperienceConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_prompt_len=self.max_prompt_len,
-            kl_estimator=self.kl_estimator, gamma=self.gamma, gae_lambda=self.gae_lambda,
-            missing_eos_score=self.missing_eos_score, score_norm=self.score_norm, score_clip=self.score_clip,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            max_prompt_len=self.max_prompt_len,
+            kl_estimator=self.kl_estimator,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            missing_eos_score=self.missing_eos_score,
+            score_norm=self.score_norm,
+            score_clip=self.score_clip,
             old_logprobs=self.old_logprobs_source,
         )
 
@@ -184,8 +195,7 @@ def ppo_losses(
     `loss = vf_coef·value_loss`. Every diagnostic is computed either way, so metric names never change.
     """
     mb, mask = minibatch, minibatch.response_mask
-    out = response_forward(model, mb.prompt_ids, mb.prompt_attention_mask, mb.response_ids, mask,
-                           config.temperature)
+    out = response_forward(model, mb.prompt_ids, mb.prompt_attention_mask, mb.response_ids, mask, config.temperature)
     policy_loss, policy_stats = ppo_policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mask, config.clip_eps)
     critic_loss, critic_stats = value_loss(out.values, mb.old_values, mb.returns, mask, config.value_clip_range)
     entropy = entropy_from_logits(out.logits, mask)
@@ -256,13 +266,21 @@ def ppo_iteration(run: PPORun, prompts: Sequence, iteration: int) -> tuple[dict[
     # 1. Experience: sample, critic values, reference log-probs, scores, KL-penalised rewards, GAE. Under the
     # same autocast as the updates, so with bf16 π_old is the distribution the first update sees (ratio 1).
     with session.accelerator.autocast():
-        experience = make_experience(session.unwrapped, session.unwrapped.pretrained_model, run.models.reference,
-                                     run.scorer, run.models.tokenizer, prompts, config.experience_config(),
-                                     kl_coef, run.moments, seed=iteration_seed(config.seed, iteration, rank, 0),
-                                     timings=timings)
+        experience = make_experience(
+            session.unwrapped,
+            session.unwrapped.pretrained_model,
+            run.models.reference,
+            run.scorer,
+            run.models.tokenizer,
+            prompts,
+            config.experience_config(),
+            kl_coef,
+            run.moments,
+            seed=iteration_seed(config.seed, iteration, rank, 0),
+            timings=timings,
+        )
     rollout = mean_over_processes(session.accelerator, experience_metrics(experience))
-    rollout["no_eos_penalized_fraction"] = rollout["no_eos_fraction"] if config.missing_eos_score is not None \
-        else 0.0
+    rollout["no_eos_penalized_fraction"] = rollout["no_eos_fraction"] if config.missing_eos_score is not None else 0.0
     ensure_finite(session, rollout["score_mean"], "reward-model score")
     if iteration < config.dead_signal_iterations:
         check_signal(config, session.state, rollout, iteration, "ppo")
@@ -291,8 +309,12 @@ def ppo_iteration(run: PPORun, prompts: Sequence, iteration: int) -> tuple[dict[
     session.state.step += 1
     session.state.extra.update(kl_controller=run.kl_controller.state_dict(), score_moments=run.moments.state_dict())
     timings["update_s"] = time.perf_counter() - update_started
-    update.update(kl_coef=kl_coef, critic_warmup=float(critic_only), tokens=float(experience.response_mask.sum()),
-                  **{f"time_{k}": v for k, v in timings.items()})
+    update.update(
+        kl_coef=kl_coef,
+        critic_warmup=float(critic_only),
+        tokens=float(experience.response_mask.sum()),
+        **{f"time_{k}": v for k, v in timings.items()},
+    )
     return rollout, update
 
 
@@ -315,8 +337,16 @@ def train_ppo(
     """Train the SFT policy at `sft_model_path` with PPO against the reward model at `reward_model_path` on
     `{"prompt"}` rows; resumes from the newest checkpoint in `output_dir`. See `run_ppo`."""
     models = load_ppo_models(config, sft_model_path, reward_model_path)
-    return run_ppo(config, models, prompt_rows, output_dir, logger, eval_prompt_rows, reward_model_eval_accuracy,
-                   reward_model_eval_pairs)
+    return run_ppo(
+        config,
+        models,
+        prompt_rows,
+        output_dir,
+        logger,
+        eval_prompt_rows,
+        reward_model_eval_accuracy,
+        reward_model_eval_pairs,
+    )
 
 
 def _restore_extras(run: PPORun) -> None:
@@ -358,17 +388,32 @@ def run_ppo(
     if config.rollout_batch_size % (config.batch_size * config.grad_accum_steps * accelerator.num_processes):
         raise ValueError("rollout_batch_size must be a multiple of batch_size × grad_accum_steps × num_processes")
     reward_model = models.reward_model.to(device) if models.reward_model is not None else None
-    rm_accuracy = check_reward_model(reward_model, models.tokenizer, reward_model_eval_accuracy,
-                                     reward_model_eval_pairs, config.min_reward_model_accuracy,
-                                     config.weak_reward_model, config.max_prompt_len) \
-        if reward_model is not None else None
+    rm_accuracy = (
+        check_reward_model(
+            reward_model,
+            models.tokenizer,
+            reward_model_eval_accuracy,
+            reward_model_eval_pairs,
+            config.min_reward_model_accuracy,
+            config.weak_reward_model,
+            config.max_prompt_len,
+        )
+        if reward_model is not None
+        else None
+    )
     if models.reference is not None:
         models.reference.to(device)
     own_rates = [(critic_parameters(models.actor_critic), config.value_learning_rate or 20 * config.learning_rate)]
-    session = start_session(config, accelerator, models.actor_critic.to(device), output_dir, logger,
-                            own_rates=own_rates)
-    run = PPORun(session, models, build_scorer(reward_model, config.reward_model_weight, config.reward_functions),
-                 make_kl_controller(config.kl_coef, config.target_kl, config.kl_horizon), RunningMoments())
+    session = start_session(
+        config, accelerator, models.actor_critic.to(device), output_dir, logger, own_rates=own_rates
+    )
+    run = PPORun(
+        session,
+        models,
+        build_scorer(reward_model, config.reward_model_weight, config.reward_functions),
+        make_kl_controller(config.kl_coef, config.target_kl, config.kl_horizon),
+        RunningMoments(),
+    )
     _restore_extras(run)
     if rm_accuracy is not None:
         session.log({"ppo/rm_eval_accuracy": rm_accuracy})
@@ -385,18 +430,31 @@ def run_ppo(
         elapsed = time.perf_counter() - started
         tokens = all_reduce_sum(accelerator, {"t": update.pop("tokens")})["t"]
         metrics = {f"ppo/{k}": v for k, v in {**rollout, **update}.items()}
-        metrics.update({"ppo/tokens_per_sec": tokens / elapsed,
-                        "ppo/episodes_per_sec": config.rollout_batch_size / elapsed,
-                        "ppo/peak_memory_mb": peak_memory_mb(device)})
+        metrics.update(
+            {
+                "ppo/tokens_per_sec": tokens / elapsed,
+                "ppo/episodes_per_sec": config.rollout_batch_size / elapsed,
+                "ppo/peak_memory_mb": peak_memory_mb(device),
+            }
+        )
         return StepOutcome(metrics, {"score": f"{rollout['score_mean']:.3f}", "kl": f"{rollout['kl']:.3f}"})
 
     def evaluate() -> dict[str, float]:
         if not eval_prompts:
             return {}
         with accelerator.autocast():
-            return evaluate_on_prompts(accelerator, session.unwrapped.pretrained_model, models.reference,
-                                       run.scorer, models.tokenizer, eval_prompts, config.experience_config(),
-                                       config.seed, config.eval_batch_size or config.batch_size, "ppo")
+            return evaluate_on_prompts(
+                accelerator,
+                session.unwrapped.pretrained_model,
+                models.reference,
+                run.scorer,
+                models.tokenizer,
+                eval_prompts,
+                config.experience_config(),
+                config.seed,
+                config.eval_batch_size or config.batch_size,
+                "ppo",
+            )
 
     metrics = train_loop(session, "ppo", step, evaluate)
     # HF causal-LM layout (LoRA merged into a copy) + the value head file or the critic + the tokenizer.

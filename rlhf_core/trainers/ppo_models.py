@@ -38,7 +38,6 @@ def critic_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(critic.parameters())
 
 
-
 @dataclass
 class PPOModels:
     """The four models of PPO. Only `actor_critic` is trained."""
@@ -54,13 +53,15 @@ class PPOModels:
 
 
 def _load_frozen(path: str | Path, reward: bool) -> nn.Module:
-    model = load_reward_model(path, dtype=torch.float32) if reward else AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True)
+    model = (
+        load_reward_model(path, dtype=torch.float32)
+        if reward
+        else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    )
     return freeze(disable_dropout(model))
 
 
-def load_ppo_models(config: PPOConfig, sft_model_path: str | Path,
-                    reward_model_path: str | Path | None) -> PPOModels:
+def load_ppo_models(config: PPOConfig, sft_model_path: str | Path, reward_model_path: str | Path | None) -> PPOModels:
     """Load the tokenizer, the actor-critic to train, the frozen reference and the frozen reward model (all
     float32 on CPU, dropout off; the trainer moves them to its device). Seeds the global RNG (LoRA init)."""
     if config.uses_reward_model and reward_model_path is None:

@@ -101,9 +101,7 @@ def encode_comparisons(
             margin = row.get("margin")
             pairs = ((0, 1, 0.0 if margin is None else float(margin)),)
         responses = tuple(
-            encode_prompt_response(
-                tokenizer, row["prompt"], text, config.max_prompt_len, config.max_response_len
-            )
+            encode_prompt_response(tokenizer, row["prompt"], text, config.max_prompt_len, config.max_response_len)
             for text in texts
         )
         out.append(Comparison(responses, pairs))
@@ -260,9 +258,7 @@ def train_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(sft_model_path)
     config = resolve_from_rows(config, tokenizer, train_rows)
     pad_id = padding_id(tokenizer)
-    model = disable_dropout(
-        reward_model_from_causal_lm(sft_model_path, dtype=torch.float32, seed=config.seed)
-    )
+    model = disable_dropout(reward_model_from_causal_lm(sft_model_path, dtype=torch.float32, seed=config.seed))
     if config.lora is not None:
         # SEQ_CLS makes peft train the new score head in full beside the adapters.
         model = apply_lora(model, config.lora, task_type="SEQ_CLS")

@@ -71,9 +71,7 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
 def _has_accelerator_device() -> bool:
     xpu = getattr(torch, "xpu", None)
     return (
-        torch.cuda.is_available()
-        or bool(xpu is not None and xpu.is_available())
-        or torch.backends.mps.is_available()
+        torch.cuda.is_available() or bool(xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
     )
 
 
@@ -117,9 +115,7 @@ def lr_factor(step: int, config: TrainerConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainerConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up then `config.lr_schedule`, stepped once per optimizer step (see `lr_factor`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
@@ -162,9 +158,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def reference_model(
-    policy: torch.nn.Module, ref_model: torch.nn.Module | None = None
-) -> Iterator[torch.nn.Module]:
+def reference_model(policy: torch.nn.Module, ref_model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
     """The frozen reference π_ref, to run forward passes on under `torch.no_grad()` and eval mode.
 
     With a separate `ref_model` (full fine-tuning) it is yielded as is. Without one, `policy` must be a LoRA

@@ -175,8 +175,9 @@ def sft_forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
         # Right-padded rows: only positions from just before the earliest response token predict a trained token;
         # projecting the prompt onto the vocabulary too would be ~20% of a small model's FLOPs (bench/RESULTS.md).
         keep = input_ids.shape[1] - max(first_response_column(response_mask) - 1, 0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
-                logits_to_keep=keep)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"], logits_to_keep=keep
+    )
     width = out.logits.shape[1]  # the logits cover the last `width` input positions
     loss_sum = sft_loss(out.logits, input_ids[:, -width:], response_mask[:, -width:], reduction="sum")
     count = float(batch["response_mask"][:, 1:].sum())
@@ -226,9 +227,7 @@ def train_sft(
     accelerator = make_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     config = resolve_from_rows(config, tokenizer, train_rows)
-    model = disable_dropout(
-        AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
-    )
+    model = disable_dropout(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True))
     if config.lora is not None:
         model = apply_lora(model, config.lora)
     session = start_session(config, accelerator, model, output_dir, logger)

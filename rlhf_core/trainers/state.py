@@ -66,9 +66,7 @@ def _checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(output_dir) / CHECKPOINTS_DIRNAME
     if not root.is_dir():
         return []
-    found = [
-        (int(p.name[5:]), p) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
-    ]
+    found = [(int(p.name[5:]), p) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()]
     return sorted(found)
 
 

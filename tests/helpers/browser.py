@@ -19,9 +19,17 @@ from helpers.required import skip_unless_ci
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage")
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 @contextmanager
@@ -58,8 +66,18 @@ def mlflow_ui(tracking_uri: str, artifact_root: str, log: Path, timeout: float =
     """`rlhf ui` on a free 127.0.0.1 port over `tracking_uri`; yields its base URL once `/health` answers, and
     stops its whole process group on exit."""
     port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--tracking-uri", tracking_uri,
-               "--artifact-root", artifact_root]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "ui",
+        "--port",
+        str(port),
+        "--tracking-uri",
+        tracking_uri,
+        "--artifact-root",
+        artifact_root,
+    ]
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,5 +114,7 @@ def open_mlflow_runs_table(driver, ui_url: str, experiment_id: str, search_filte
         "localStorage.setItem(arguments[0], arguments[1]);"
         "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"  # the assistant panel hides the table
         "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');",
-        f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState', json.dumps(state))
+        f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState',
+        json.dumps(state),
+    )
     driver.get(f"{ui_url}/#/experiments/{experiment_id}/runs")
