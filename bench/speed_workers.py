@@ -301,6 +301,7 @@ def ours_ppo(spec: dict, out: Path) -> dict:
         rollout_batch_size=rollout, ppo_epochs=spec["ppo_epochs"], learning_rate=spec["learning_rate"],
         max_new_tokens=spec["max_new_tokens"], temperature=1.0, kl_coef=0.05, critic=spec["critic"],
         max_prompt_len=None, weak_reward_model="warn", min_reward_model_accuracy=0.0, progress_bar=False,
+        dead_signal="warn",  # speed, not learning: the tiny random model never ends its answers
     )
     logger = ClockLogger("ppo", lambda step, m: rollout)
     start = time.perf_counter()
