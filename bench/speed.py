@@ -2,6 +2,7 @@
 
     python bench/speed.py --model tiny --reps 3                      # quick
     python bench/speed.py --model smollm2 --reps 3 --out bench/RESULTS.md
+    python bench/speed.py --smoke                                    # a few minutes: ratios only, before/after a change
 
 Pairs (ours vs TRL), each run in a fresh process of the same interpreter (`bench/.venv-trl`: TRL 1.16;
 `bench/.venv-trl-ppo`: TRL 1.12, the last release with a PPO trainer), launched the same way (`python
@@ -403,8 +404,21 @@ def flop_paragraph(run: dict, summary: dict, model_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--stages", default="sft,rm,dpo,ppo,rloo")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; --smoke: 1)")
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated pairs (default sft,rm,dpo,ppo,rloo; --smoke: every pair whose TRL venv exists)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a developer's check before and after a change (not a test, not a result): the tiny "
+        "model, one repetition, every pair whose TRL venv is there; prints the ratios and "
+        "writes nothing into RESULTS.md. The tiny model's steps are mostly per-step "
+        "overhead, so compare a smoke run with a smoke run on a quiet machine, never "
+        "with the SmolLM2 tables",
+    )
     parser.add_argument("--data", default=str(ROOT / "data" / "support_bot"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
@@ -431,6 +445,7 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     args = parser.parse_args()
+    smoke_defaults(args)
     started = time.perf_counter()
     if args.assemble:
         run = assemble(args, Path(args.assemble))
@@ -442,7 +457,8 @@ def main() -> None:
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     key = f"speed-{args.model}-{'-'.join(run['stages'])}" + ("-trl-precompute-ref" if args.trl_precompute_ref else "")
-    (results_dir / f"{key}.json").write_text(json.dumps({**run, "summary": summary}, indent=1))
+    if not args.smoke:
+        (results_dir / f"{key}.json").write_text(json.dumps({**run, "summary": summary}, indent=1))
     info = machine()
     trl_versions = versions(python_of(VENV_TRL))
     # TRL 1.12's venv is needed only for the PPO pair.
@@ -498,8 +514,23 @@ def main() -> None:
             report(run, summary, args, model_dir),
         ]
     )
+    if args.smoke:  # the tiny model's ratios say whether a change moved them, not how fast anything is
+        print(report(run, summary, args, model_dir))
+        return
     write_section(key, body, Path(args.out))
     print(body)
+
+
+def smoke_defaults(args: argparse.Namespace) -> None:
+    """Fill in `--reps` and `--stages`: the full defaults, or with `--smoke` the tiny model, one repetition and
+    every pair whose TRL venv exists (the PPO pair needs TRL 1.12's, `bench/.venv-trl-ppo`)."""
+    if not args.smoke:
+        args.reps = args.reps or 3
+        args.stages = args.stages or "sft,rm,dpo,ppo,rloo"
+        return
+    args.model, args.reps = "tiny", args.reps or 1
+    have_ppo_venv = (VENV_TRL_PPO / "bin" / "python").is_file()
+    args.stages = args.stages or "sft,rm,dpo," + ("ppo," if have_ppo_venv else "") + "rloo,grpo_cf,rloo_cf"
 
 
 if __name__ == "__main__":

@@ -108,6 +108,19 @@ def test_run_without_a_terminal_shows_stage_lines_progress_lines_and_the_result_
     # The lines a user sees: the header, one per stage start and end, the where-to-look block, the table.
     assert len(out.splitlines()) < 45, out
 
+    # Run again: every stage is reused, and the stage lines (from the tasks' Prefect state hooks) say so.
+    again = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr[-4000:]
+    for i, stage in enumerate(stages, start=1):
+        assert re.search(rf"\[{i}/5\] ✔ {stage} reused from the cache in \d+\.\d s", again.stdout), again.stdout
+
 
 def test_run_rejects_a_bad_config_key_before_running(runner: CliRunner, tmp_path: Path) -> None:
     # Given a config with a misspelt key; when run; then exit 2 naming the key, and nothing ran.
