@@ -111,6 +111,20 @@ MUTATIONS = (
         ("tests/test_sft_trainer.py",),
     ),
     Mutation(
+        "sampling: Gumbel noise subtracted (draws from the wrong distribution)",
+        "rlhf_core/generation.py",
+        "    return (log_p + gumbel).argmax(-1)",
+        "    return (log_p - gumbel).argmax(-1)",
+        ("tests/test_generation.py",),
+    ),
+    Mutation(
+        "sampling: top-p window trusted when it holds less than top_p",
+        "rlhf_core/generation.py",
+        "        if not top_k and not bool((mass_before[:, -1] + probs[:, -1] >= top_p).all()):",
+        "        if False:",
+        ("tests/test_generation.py",),
+    ),
+    Mutation(
         "rloo: leave-one-out baseline subtracted the wrong way",
         "rlhf_core/group_advantages.py",
         "    return scores - others_mean",

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from rlhf_core.generation import GenerationOutput, SamplingConfig, filter_logits, generate
+from rlhf_core.generation import (
+    NUCLEUS_WINDOW,
+    GenerationOutput,
+    SamplingConfig,
+    candidate_logits,
+    draw,
+    filter_logits,
+    generate,
+)
 from rlhf_core.logprobs import response_forward
 from rlhf_core.models import PolicyWithValueHead
 
@@ -108,6 +116,44 @@ def test_filter_logits_keeps_at_least_the_most_likely_token():
     assert torch.isfinite(filter_logits(logits, top_p=1e-6)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
     assert torch.equal(filter_logits(logits, temperature=2.0), logits / 2)
+
+
+def _full_log_p(logits: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Candidate log-probs scattered back onto the whole vocabulary (-inf elsewhere)."""
+    log_p = logits.log_softmax(-1)
+    if ids is None:
+        return log_p
+    return torch.full((logits.shape[0], 4096), float("-inf"), dtype=log_p.dtype).scatter(-1, ids, log_p)
+
+
+@pytest.mark.parametrize(
+    ("scale", "top_k", "top_p"),
+    [(6.0, 0, 0.9), (6.0, 0, 0.3), (6.0, 50, 0.8), (6.0, 7, 1.0), (0.1, 0, 0.9), (6.0, 0, 1.0)],
+)
+def test_candidate_window_gives_filter_logits_distribution(scale, top_k, top_p):
+    # Given 4096-token logits: peaked (scale 6: the nucleus fits the 256-token window) or flat (scale 0.1: it
+    # does not, and the full sort must take over)
+    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * scale
+    # When the sampler's short path computes the distribution
+    window, ids = candidate_logits(logits, 0.7, top_k, top_p)
+    # Then it is filter_logits' distribution over the whole vocabulary, token for token
+    reference = filter_logits(logits, 0.7, top_k, top_p).log_softmax(-1)
+    torch.testing.assert_close(_full_log_p(window, ids), reference, atol=1e-5, rtol=0)
+    # And the window is short exactly when it can be
+    assert (ids is not None) == (scale > 1 and (top_k > 0 or top_p < 1))
+    if ids is not None:
+        assert window.shape[-1] == (top_k or NUCLEUS_WINDOW)
+
+
+def test_draw_picks_each_index_with_its_probability():
+    # Given one 5-way distribution repeated over 40 000 rows (float64 reference)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    log_p = probs.log().expand(40_000, 5)
+    # When each row draws once
+    counts = torch.bincount(draw(log_p, torch.Generator().manual_seed(0)), minlength=5).double()
+    # Then the frequencies are the probabilities (binomial s.e. <= 0.0025; 4 s.e. = 0.01) and p = 0 never comes
+    torch.testing.assert_close(counts / counts.sum(), probs.double(), atol=0.01, rtol=0)
+    assert counts[4] == 0
 
 
 def test_eos_stops_a_row_and_max_new_tokens_caps_the_rest(stopping_model, tiny_tokenizer):
