@@ -71,6 +71,11 @@ SHAPES = {
         "max_new_tokens": 32,
         "rloo_k": 4,
         "matmul_n": 2048,
+        # PPO at realistic lengths (pairs ppo64, ppo64_default)
+        "long_rollout": 16,
+        "long_micro": 8,
+        "long_new_tokens": 64,
+        "long_steps": 3,
     },
     "smollm2": {
         "batch_size": 4,
@@ -83,6 +88,10 @@ SHAPES = {
         "max_new_tokens": 16,
         "rloo_k": 4,
         "matmul_n": 2048,
+        "long_rollout": 16,
+        "long_micro": 8,
+        "long_new_tokens": 64,
+        "long_steps": 3,
     },
 }
 
@@ -105,6 +114,12 @@ PAIRS = {
     "dpo": Pair("dpo", "ours_dpo", "trl_dpo", VENV_TRL, "pairs/s", "DPOTrainer (TRL 1.16)"),
     "ppo": Pair("ppo", "ours_ppo", "trl_ppo", VENV_TRL_PPO, "episodes/s", "PPOTrainer (TRL 1.12, experimental)"),
     "rloo": Pair("rloo", "ours_ppo", "trl_rloo", VENV_TRL, "episodes/s", "RLOOTrainer (TRL 1.16)"),
+    # PPO at realistic lengths (rollout 16, 64 new tokens): at equal work (both a separate critic from the RM),
+    # and each with its own default critic (ours: the guide's shared body and value head; TRL: a separate model).
+    "ppo64": Pair("ppo64", "ours_ppo", "trl_ppo", VENV_TRL_PPO, "episodes/s", "PPOTrainer (TRL 1.12), equal work"),
+    "ppo64_default": Pair(
+        "ppo64_default", "ours_ppo", "trl_ppo", VENV_TRL_PPO, "episodes/s", "PPOTrainer (TRL 1.12), each default"
+    ),
     # Critic-free against critic-free: our GRPO/RLOO trainer (no value head) at TRL's shape.
     "grpo_cf": Pair("grpo_cf", "ours_grpo", "trl_grpo", VENV_TRL, "samples/s", "GRPOTrainer (TRL 1.16)"),
     "rloo_cf": Pair("rloo_cf", "ours_grpo", "trl_rloo", VENV_TRL, "samples/s", "RLOOTrainer (TRL 1.16)"),
@@ -180,6 +195,17 @@ def stage_spec(stage: str, shapes: dict, model: Path, rm: Path, rows: dict, rep:
             rloo_k=shapes["rloo_k"],
             prompt_rows=rows["prompts"][: shapes["rollout_batch_size"] * shapes["ppo_steps"]],
         )
+        if stage.startswith("ppo64"):
+            spec.update(
+                batch_size=shapes["long_micro"],
+                rollout_batch_size=shapes["long_rollout"],
+                steps=shapes["long_steps"],
+                max_new_tokens=shapes["long_new_tokens"],
+                prompt_rows=rows["prompts"][: shapes["long_rollout"] * shapes["long_steps"]],
+                critic="shared" if stage == "ppo64_default" else "separate",
+                ppo_epochs=shapes["ppo_epochs"],
+            )
+            return spec
         # PPO vs PPOTrainer: same models (separate critic from the RM) and epochs. RLOO shape: one update per
         # rollout batch, our default shared critic.
         spec.update(critic="separate", ppo_epochs=shapes["ppo_epochs"]) if stage == "ppo" else spec.update(
@@ -323,7 +349,17 @@ def summarize(run: dict) -> dict:
     return out
 
 
-TARGETS = {"sft": 1.2, "rm": None, "dpo": 2.0, "ppo": 2.0, "rloo": None, "grpo_cf": 1.5, "rloo_cf": 1.5}
+TARGETS = {
+    "sft": 1.2,
+    "rm": None,
+    "dpo": 2.0,
+    "ppo": 2.0,
+    "rloo": None,
+    "grpo_cf": 1.5,
+    "rloo_cf": 1.5,
+    "ppo64": None,
+    "ppo64_default": 2.0,
+}
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -365,15 +401,17 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
         "reps",
     ]
     lines = [markdown_table(header, rows)]
-    for stage in ("ppo", "rloo", "grpo_cf", "rloo_cf"):
+    for stage in ("ppo", "rloo", "grpo_cf", "rloo_cf", "ppo64", "ppo64_default"):
         if stage in run["stages"]:
             s = summary[stage]
+            cap = shapes["long_new_tokens"] if stage.startswith("ppo64") else shapes["max_new_tokens"]
             lines.append(
                 f"\n{stage}: mean sampled response length ours {_fmt(s['ours_len'], 1)} tokens"
                 + (f", TRL {_fmt(s['trl_len'], 1)}" if s["trl_len"] == s["trl_len"] else "")
                 + f"; decode steps per rollout ours {_fmt(s['ours_decode'], 1)}"
                 + (f", TRL {_fmt(s['trl_decode'], 1)}" if s["trl_decode"] == s["trl_decode"] else "")
-                + f" (max_new_tokens {shapes['max_new_tokens']})."
+                + f" (max_new_tokens {cap})."
+                + split_sentence(run["raw"][stage])
             )
     errors = {st: summary[st]["errors"] for st in run["stages"] if summary[st]["errors"]}
     if errors:
@@ -381,6 +419,24 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
     if "sft" in run["stages"] and summary["sft"]["ours_rate"] == summary["sft"]["ours_rate"]:
         lines.append("\n" + flop_paragraph(run, summary, model_dir))
     return "\n".join(lines)
+
+
+def split_sentence(raw_stage: dict) -> str:
+    """ " Seconds per iteration ...": the medians over iterations 2..N of all repetitions, per side."""
+    parts = []
+    for side in ("ours", "trl"):
+        runs = [r for r in _ok(raw_stage.get(side, [])) if "split_s" in r]
+        if not runs:
+            continue
+        medians = {
+            part: _median([v for r in runs for v in r["split_s"][part]]) for part in ("generation", "scoring", "update")
+        }
+        total = sum(medians.values())
+        parts.append(
+            f"{'ours' if side == 'ours' else 'TRL'} "
+            + " / ".join(f"{part} {_fmt(v, 1)} ({_fmt(100 * v / total, 0)}%)" for part, v in medians.items())
+        )
+    return (" Seconds per iteration (median of iterations 2..N): " + "; ".join(parts) + ".") if parts else ""
 
 
 def flop_paragraph(run: dict, summary: dict, model_dir: Path) -> str:
@@ -488,7 +544,17 @@ def main() -> None:
             f"rollout {shapes['rollout_batch_size']} prompts/iteration, micro-batch {shapes['ppo_batch_size']}, "
             f"{shapes['ppo_epochs']} epochs × 1 optimizer step, {shapes['ppo_steps']} iterations, "
             f"max_new_tokens {shapes['max_new_tokens']}; RLOO-shaped: same rollout, 1 epoch, k = {shapes['rloo_k']} "
-            "samples per prompt on TRL's side. Full fine-tuning, float32, AdamW, constant lr; TRL's gradient "
+            "samples per prompt on TRL's side."
+            + (
+                f" PPO at realistic lengths (ppo64, ppo64_default): rollout {shapes['long_rollout']} prompts, "
+                f"micro-batch {shapes['long_micro']}, {shapes['long_new_tokens']} new tokens at most, "
+                f"{shapes['ppo_epochs']} epochs, {shapes['long_steps']} iterations; ppo64 gives both sides a "
+                "separate critic from the RM (equal work), ppo64_default gives each its default critic (ours: the "
+                "shared body with a value head; TRL: a separate value model)."
+                if any(st.startswith("ppo64") for st in run["stages"])
+                else ""
+            )
+            + " Full fine-tuning, float32, AdamW, constant lr; TRL's gradient "
             "checkpointing and bf16 defaults switched off. Throughput over steps 2..N, peak memory = "
             f"{'CUDA max allocated' if info['gpu'] != 'none' else 'peak RSS'} of the run's own process; medians "
             f"over {max((len(v.get('ours', [])) for k, v in run['raw'].items() if k != 'matmul'), default=0)} "

@@ -362,12 +362,18 @@ def ours_ppo(spec: dict, out: Path) -> dict:
     )
     wall = time.perf_counter() - start
     mean_len = [m["ppo/response_length"] for _, m in logger.records if "ppo/response_length" in m]
+    # The trainer's own per-iteration split (perf_counter around each part), iterations 2..N like the rate.
+    split = {
+        part: [m[f"ppo/time_{part}_s"] for _, m in logger.records if f"ppo/time_{part}_s" in m][1:]
+        for part in ("generation", "scoring", "update")
+    }
     return {
         "rate": logger.clock.rate(),
         "wall_s": wall,
         "step_s": logger.clock.step_seconds(),
         "decode_steps": lengths.mean(),
         "response_length": sum(mean_len) / max(len(mean_len), 1),
+        "split_s": split,
     }
 
 
@@ -395,6 +401,31 @@ def trl_ppo(spec: dict, out: Path) -> dict:
         return query_responses, logits
 
     ppo_module.batch_generation = recording_generation
+    # Time split per iteration: generation = batch_generation; scoring = the reference / value / reward forwards
+    # of the rollout (the module's `forward` and `get_reward` while grad is off); update = the rest.
+    per_iteration: list[dict[str, float]] = []
+    timed_generation = ppo_module.batch_generation
+
+    def generation_clock(*args: Any, **kwargs: Any) -> Any:
+        per_iteration.append({"generation": 0.0, "scoring": 0.0})
+        start = time.perf_counter()
+        result = timed_generation(*args, **kwargs)
+        per_iteration[-1]["generation"] += time.perf_counter() - start
+        return result
+
+    def scoring_clock(inner_fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = inner_fn(*args, **kwargs)
+            if per_iteration and not torch.is_grad_enabled():
+                per_iteration[-1]["scoring"] += time.perf_counter() - start
+            return result
+
+        return wrapped
+
+    ppo_module.batch_generation = generation_clock
+    ppo_module.forward = scoring_clock(ppo_module.forward)
+    ppo_module.get_reward = scoring_clock(ppo_module.get_reward)
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     tokenizer.padding_side = "left"
@@ -445,7 +476,16 @@ def trl_ppo(spec: dict, out: Path) -> dict:
     )
     trainer.train()
     wall = time.perf_counter() - start
-    return {"rate": clock.rate(), "wall_s": wall, "step_s": clock.step_seconds(), "decode_steps": lengths.mean()}
+    steps = clock.step_seconds()  # iterations 2..N, each from the previous iteration's end to its own
+    split = {part: [it[part] for it in per_iteration[1:]] for part in ("generation", "scoring")}
+    split["update"] = [t - g - s for t, g, s in zip(steps, split["generation"], split["scoring"], strict=False)]
+    return {
+        "rate": clock.rate(),
+        "wall_s": wall,
+        "step_s": steps,
+        "decode_steps": lengths.mean(),
+        "split_s": split,
+    }
 
 
 def trl_rloo(spec: dict, out: Path) -> dict:
