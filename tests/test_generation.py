@@ -156,6 +156,21 @@ def test_draw_picks_each_index_with_its_probability():
     assert counts[4] == 0
 
 
+def test_bf16_precision_decodes_under_bf16_and_reports_that_distribution(stopping_model, tiny_tokenizer):
+    # Given responses sampled with precision bf16
+    out = generate(stopping_model, tiny_tokenizer, PROMPTS, SamplingConfig(max_new_tokens=8, seed=3, precision="bf16"))
+    mask = out.response_mask.bool()
+    # When the same responses are re-scored in float32 and under bf16 autocast
+    fp32 = _forward_logprobs(stopping_model, out).logprobs[mask]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _forward_logprobs(stopping_model, out).logprobs[mask]
+    # Then the sampler's log-probs are the bf16 forward's (to bf16 rounding), not the float32 one's
+    sampled = out.logprobs[mask]
+    assert (sampled - bf16).abs().max() < (sampled - fp32).abs().max()
+    assert (sampled - fp32).abs().max() > 1e-4  # bf16 really ran: float32 would agree to ~1e-6
+    assert (sampled - bf16).abs().max() < 0.1
+
+
 def test_eos_stops_a_row_and_max_new_tokens_caps_the_rest(stopping_model, tiny_tokenizer):
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     out = generate(stopping_model, tiny_tokenizer, PROMPTS * 2, SamplingConfig(max_new_tokens=12, seed=0))
@@ -229,7 +244,8 @@ def test_prompts_are_left_padded(model, tiny_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}]
+    "kwargs",
+    [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"precision": "fp16"}],
 )
 def test_sampling_config_rejects_invalid_values(kwargs):
     with pytest.raises(ValueError):
