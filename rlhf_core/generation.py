@@ -102,8 +102,8 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     """`[batch, V]` logits → float32 `logits / temperature` with tokens outside top-k / top-p set to -inf.
 
     `log_softmax` of the result is the sampling distribution, renormalised over the kept tokens. This is the
-    definition, over the whole vocabulary; `sample` uses `candidate_logits`, the same distribution computed on
-    a short window (exact ties at a boundary may be broken either way by both).
+    definition, over the whole vocabulary: top-k keeps every token tied with the k-th; top-p's order among exactly
+    tied logits is the sort's. `sample` uses `candidate_logits`, the same distribution on a short window.
     """
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -131,18 +131,27 @@ def candidate_logits(
     token ids)`, or `([batch, V] filtered logits, None)` when every token is a candidate.
 
     Why: sorting the whole vocabulary for top-p costs more than the LM head at batch 16 on a CPU (SmolLM2's 49k
-    tokens: ~57 ms against ~25 ms per step). `topk` of a window of W tokens is cheap, and exact whenever the
-    window already holds `top_p` of the mass: every token outside it then has at least that much mass before it
-    and is dropped. A row whose window holds less (a flat distribution) falls back to the full sort.
+    tokens: ~57 ms against ~25 ms per step). `topk` of a window of W tokens is cheap, and exact whenever
+    - top-k: the window reaches past every token tied with the k-th (`filter_logits` keeps ties, as do
+      transformers' warpers; bf16 logits tie often);
+    - top-p: the window already holds `top_p` of the mass, so every token outside it has at least that much mass
+      before it and is dropped.
+    Otherwise (a flat distribution, a tie running past the window) the whole batch takes `filter_logits`.
     """
     vocab = logits.shape[-1]
     top_k = top_k if 0 < top_k < vocab else 0
     if top_p >= 1.0 and not top_k:
         return logits.float() / temperature, None
-    if top_p < 1.0 and vocab <= 4 * NUCLEUS_WINDOW:  # a small vocabulary sorts in no time
+    size = max(top_k + 1, NUCLEUS_WINDOW)
+    if size >= vocab // 4:  # a small vocabulary (or a wide top-k) sorts in no time
         return filter_logits(logits, temperature, top_k, top_p), None
     scaled = logits.float() / temperature
-    window, ids = torch.topk(scaled, top_k or min(NUCLEUS_WINDOW, vocab), dim=-1)  # sorted, most likely first
+    window, ids = torch.topk(scaled, size, dim=-1)  # [batch, W], most likely first
+    if top_k:
+        kth = window[:, top_k - 1 : top_k]
+        if bool((window[:, -1:] >= kth).any()):  # a tie with the k-th may continue outside the window
+            return filter_logits(logits, temperature, top_k, top_p), None
+        window = window.masked_fill(window < kth, float("-inf"))
     if top_p < 1.0:
         # Mass is measured against what top-k kept (the whole vocabulary when top-k is off).
         log_total = (window if top_k else scaled).logsumexp(-1, keepdim=True)
@@ -159,8 +168,14 @@ def draw(log_p: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
     The Gumbel-max trick: `argmax_i(log p_i + G_i)` with `G_i = -log(-log U_i)`, `U_i ~ Uniform(0, 1)` i.i.d.,
     is index i with probability p_i. One uniform per token, against `torch.multinomial`'s CPU path, which
-    costs about as much as the LM head on a 49k vocabulary. Filtered tokens (-inf) are never drawn.
+    costs about as much as the LM head on a 49k vocabulary. Filtered tokens (-inf) are never drawn. A NaN
+    (a diverged model) would win every argmax silently, so it stops the run instead, as `multinomial` did.
     """
+    if bool(torch.isnan(log_p).any()):
+        raise FloatingPointError(
+            "the sampling distribution contains NaN: the model's logits are not finite (diverged weights, or an "
+            "fp16 overflow); lower the learning rate or use bf16 / fp32"
+        )
     uniform = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=torch.float32)
     gumbel = -uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_()
     return (log_p + gumbel).argmax(-1)

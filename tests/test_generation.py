@@ -126,27 +126,70 @@ def _full_log_p(logits: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     return torch.full((logits.shape[0], 4096), float("-inf"), dtype=log_p.dtype).scatter(-1, ids, log_p)
 
 
+def _logits(kind: str) -> torch.Tensor:
+    """`[8, 4096]` logits: `peaked` (the nucleus fits the 256-token window), `flat` (it does not), `mixed` (4 rows
+    of each: one flat row must send the whole batch to the full sort), `medium` (top-50 leaves real mass
+    outside, so normalising over the wrong set shows), `bf16` (logits rounded to bf16's grid: ties everywhere)."""
+    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0))
+    if kind == "mixed":
+        return torch.cat([logits[:4] * 6.0, logits[4:] * 0.1])
+    if kind == "bf16":
+        return (logits * 6.0).bfloat16().float()
+    return logits * {"peaked": 6.0, "flat": 0.1, "medium": 1.0}[kind]
+
+
 @pytest.mark.parametrize(
-    ("scale", "top_k", "top_p"),
-    [(6.0, 0, 0.9), (6.0, 0, 0.3), (6.0, 50, 0.8), (6.0, 7, 1.0), (0.1, 0, 0.9), (6.0, 0, 1.0)],
+    ("kind", "top_k", "top_p", "windowed"),
+    [
+        ("peaked", 0, 0.9, True),
+        ("peaked", 0, 0.3, True),
+        ("peaked", 50, 0.8, True),
+        ("peaked", 7, 1.0, True),
+        ("peaked", 0, 1.0, False),  # nothing to filter: the whole vocabulary
+        ("flat", 0, 0.9, False),
+        ("mixed", 0, 0.9, False),
+        ("medium", 50, 0.5, True),
+        ("bf16", 50, 1.0, None),  # windowed unless a tie with the 50th runs past the window
+        ("bf16", 0, 0.9, True),
+    ],
 )
-def test_candidate_window_gives_filter_logits_distribution(scale, top_k, top_p):
-    # Given 4096-token logits: peaked (scale 6: the nucleus fits the 256-token window) or flat (scale 0.1: it
-    # does not, and the full sort must take over)
-    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * scale
+def test_candidate_window_gives_filter_logits_distribution(kind, top_k, top_p, windowed):
+    logits = _logits(kind)
     # When the sampler's short path computes the distribution
     window, ids = candidate_logits(logits, 0.7, top_k, top_p)
-    # Then it is filter_logits' distribution over the whole vocabulary, token for token
+    # Then it is filter_logits' distribution over the whole vocabulary, token for token (top-k ties kept)
     reference = filter_logits(logits, 0.7, top_k, top_p).log_softmax(-1)
     torch.testing.assert_close(_full_log_p(window, ids), reference, atol=1e-5, rtol=0)
     # And the window is short exactly when it can be
-    assert (ids is not None) == (scale > 1 and (top_k > 0 or top_p < 1))
+    if windowed is not None:
+        assert (ids is not None) == windowed
     if ids is not None:
-        assert window.shape[-1] == (top_k or NUCLEUS_WINDOW)
+        assert window.shape[-1] == max(top_k + 1, NUCLEUS_WINDOW)
+        # greedy on the window picks the vocabulary's argmax token
+        assert torch.equal(ids.gather(-1, window.argmax(-1, keepdim=True)).squeeze(-1), logits.argmax(-1))
+
+
+def test_bf16_ties_with_the_kth_logit_are_kept():
+    # Given logits whose 3rd..6th largest values are equal (as bf16 rounding makes them)
+    logits = torch.full((1, 4096), -5.0)
+    logits[0, :6] = torch.tensor([4.0, 3.0, 2.0, 2.0, 2.0, 2.0])
+    window, ids = candidate_logits(logits, 1.0, top_k=3)
+    # Then all four tied tokens stay candidates, as filter_logits keeps them
+    kept = set(ids[torch.isfinite(window)].tolist())
+    assert kept == {0, 1, 2, 3, 4, 5}
+    # And a tie running past the 256-token window sends the batch to the full vocabulary, all 302 tokens kept
+    logits[0, 2:302] = 2.0
+    window, ids = candidate_logits(logits, 1.0, top_k=3)
+    assert ids is None and int(torch.isfinite(window).sum()) == 302
+
+
+def test_draw_stops_on_a_nan_distribution():
+    with pytest.raises(FloatingPointError, match="NaN"):
+        draw(torch.tensor([[0.0, float("nan")]]))
 
 
 def test_draw_picks_each_index_with_its_probability():
-    # Given one 5-way distribution repeated over 40 000 rows (float64 reference)
+    # Given one 5-way distribution repeated over 40 000 rows
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
     log_p = probs.log().expand(40_000, 5)
     # When each row draws once
