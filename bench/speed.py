@@ -245,6 +245,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict:
             pair, spec = PAIRS[stage], stage_spec(stage, shapes, model, rm, rows, rep)
             spec["threads"] = args.threads
             spec["trl_precompute_ref"] = args.trl_precompute_ref and stage == "dpo"
+            spec["bf16"] = args.bf16 and stage in ("sft", "rm", "dpo")
             sides = [("ours", {"runner": pair.ours}), ("trl", {"runner": pair.trl})]
             for side, extra in sides if rep % 2 == 0 else sides[::-1]:
                 raw[stage].setdefault(side, []).append(
@@ -416,7 +417,8 @@ def report(run: dict, summary: dict, args: argparse.Namespace, model_dir: Path) 
     errors = {st: summary[st]["errors"] for st in run["stages"] if summary[st]["errors"]}
     if errors:
         lines.append("\nFailed runs: " + "; ".join(f"{st}: {e}" for st, es in errors.items() for e in es))
-    if "sft" in run["stages"] and summary["sft"]["ours_rate"] == summary["sft"]["ours_rate"]:
+    # The FLOP rate is against the float32 matmul peak: meaningless for a bf16 run.
+    if "sft" in run["stages"] and summary["sft"]["ours_rate"] == summary["sft"]["ours_rate"] and not args.bf16:
         lines.append("\n" + flop_paragraph(run, summary, model_dir))
     return "\n".join(lines)
 
@@ -499,6 +501,12 @@ def main() -> None:
         help="DPO: TRL precomputes the reference log-probs before training, as ours always does "
         "(default: TRL's default, a live reference forward at every step)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="SFT/RM/DPO in bf16 autocast on both sides (ours mixed_precision=bf16, TRL bf16=True); "
+        "written to its own section (suffix -bf16)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     args = parser.parse_args()
     smoke_defaults(args)
@@ -512,7 +520,11 @@ def main() -> None:
     model_dir = base_model(args.model)
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
-    key = f"speed-{args.model}-{'-'.join(run['stages'])}" + ("-trl-precompute-ref" if args.trl_precompute_ref else "")
+    key = (
+        f"speed-{args.model}-{'-'.join(run['stages'])}"
+        + ("-trl-precompute-ref" if args.trl_precompute_ref else "")
+        + ("-bf16" if args.bf16 else "")
+    )
     if not args.smoke:
         (results_dir / f"{key}.json").write_text(json.dumps({**run, "summary": summary}, indent=1))
     info = machine()
@@ -524,6 +536,7 @@ def main() -> None:
         f"python bench/speed.py --model {args.model} --reps {args.reps} --stages {args.stages}"
         + (f" --threads {args.threads}" if args.threads else "")
         + (" --trl-precompute-ref" if args.trl_precompute_ref else "")
+        + (" --bf16" if args.bf16 else "")
         + (f" --data {args.data}" if Path(args.data) != ROOT / "data" / "support_bot" else "")
         + (f" --assemble {args.assemble}" if args.assemble else "")
     )
@@ -554,8 +567,14 @@ def main() -> None:
                 if any(st.startswith("ppo64") for st in run["stages"])
                 else ""
             )
-            + " Full fine-tuning, float32, AdamW, constant lr; TRL's gradient "
-            "checkpointing and bf16 defaults switched off. Throughput over steps 2..N, peak memory = "
+            + (
+                " Full fine-tuning, bf16 autocast over float32 weights on both sides for SFT/RM/DPO (ours "
+                "`mixed_precision: bf16`, TRL `bf16=True`), AdamW, constant lr; TRL's gradient checkpointing off."
+                if args.bf16
+                else " Full fine-tuning, float32, AdamW, constant lr; TRL's gradient checkpointing and bf16 defaults "
+                "switched off."
+            )
+            + " Throughput over steps 2..N, peak memory = "
             f"{'CUDA max allocated' if info['gpu'] != 'none' else 'peak RSS'} of the run's own process; medians "
             f"over {max((len(v.get('ours', [])) for k, v in run['raw'].items() if k != 'matmul'), default=0)} "
             "interleaved repetitions (column `reps`), ratios = median of per-repetition ours/TRL."

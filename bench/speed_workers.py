@@ -104,9 +104,9 @@ def _assistant(response: Any) -> list[dict]:
 
 def _trl_common_args(spec: dict, out: Path) -> dict:
     """TrainingArguments shared by TRL's SFT/RM/DPO runs: the same shapes and schedule as ours (constant lr, no
-    warm-up, grad clip 1.0, float32), no saving/eval/reporting. The optimizer is TRL's default (transformers
-    picks the fused AdamW kernel with torch >= 2.8). TRL 1.x defaults gradient checkpointing and bf16 to on; both
-    are switched off so both sides do the same arithmetic."""
+    warm-up, grad clip 1.0, float32 or, with `spec["bf16"]`, bf16 autocast like ours), no saving/eval/reporting.
+    The optimizer is TRL's default (transformers picks the fused AdamW kernel with torch >= 2.8). TRL 1.x defaults
+    gradient checkpointing and bf16 to on; both follow the spec so both sides do the same arithmetic."""
     return {
         "output_dir": str(out),
         "max_steps": spec["steps"],
@@ -122,7 +122,9 @@ def _trl_common_args(spec: dict, out: Path) -> dict:
         "eval_strategy": "no",
         "report_to": "none",
         "seed": spec["seed"],
-        "bf16": False,
+        "bf16": bool(spec.get("bf16")),
+        # transformers refuses bf16 without a GPU unless told the run is on CPU on purpose
+        "use_cpu": bool(spec.get("bf16")) and not torch.cuda.is_available(),
         "fp16": False,
         "gradient_checkpointing": False,
         "disable_tqdm": True,
@@ -144,6 +146,7 @@ def ours_sft(spec: dict, out: Path) -> dict:
 
     config = SFTConfig(
         seed=spec["seed"],
+        mixed_precision="bf16" if spec.get("bf16") else "no",
         max_steps=spec["steps"],
         batch_size=spec["batch_size"],
         learning_rate=spec["learning_rate"],
@@ -204,6 +207,7 @@ def ours_rm(spec: dict, out: Path) -> dict:
 
     config = RewardConfig(
         seed=spec["seed"],
+        mixed_precision="bf16" if spec.get("bf16") else "no",
         max_steps=spec["steps"],
         batch_size=spec["batch_size"],
         learning_rate=spec["learning_rate"],
@@ -258,6 +262,7 @@ def ours_dpo(spec: dict, out: Path) -> dict:
 
     config = DPOConfig(
         seed=spec["seed"],
+        mixed_precision="bf16" if spec.get("bf16") else "no",
         max_steps=spec["steps"],
         batch_size=spec["batch_size"],
         learning_rate=spec["learning_rate"],
