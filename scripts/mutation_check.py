@@ -111,10 +111,10 @@ MUTATIONS = (
         ("tests/test_sft_trainer.py",),
     ),
     Mutation(
-        "sampling: Gumbel noise subtracted (draws from the wrong distribution)",
+        "sampling: draws ignore the probabilities (uniform over the candidates)",
         "rlhf_core/generation.py",
-        "    return (log_p + gumbel).argmax(-1)",
-        "    return (log_p - gumbel).argmax(-1)",
+        "    return torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)",
+        "    return torch.multinomial(torch.ones_like(log_p), 1, generator=generator).squeeze(-1)",
         ("tests/test_generation.py",),
     ),
     Mutation(

@@ -94,6 +94,7 @@ def test_task_file_holds_k_candidates_per_prompt_with_the_sampling_settings(coll
             "top_k": 0,
             "do_sample": True,
             "seed": 3 + index // 4,
+            "precision": "fp32",
         }
     again = create_task_file(tiny_model_dir, prompts, config, tmp_path / "again.jsonl", device="cpu")
     assert (tmp_path / "again.jsonl").read_bytes() == task_file.read_bytes() and again == items
