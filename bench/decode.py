@@ -98,14 +98,13 @@ def variants(model, prompt_ids, prompt_mask, new_tokens: int, pad_id: int, eos_i
         )
 
     def ours_before():
-        # The sampler before 2026-12-06: top-p by sorting the whole vocabulary, then torch.multinomial.
-        window, draw = generation.candidate_logits, generation.draw
+        # The sampler before 2026-12-06: top-p by sorting the whole vocabulary, then a draw over all of it.
+        window = generation.candidate_logits
         generation.candidate_logits = lambda logits, t, k, p: (filter_logits(logits, t, k, p), None)
-        generation.draw = lambda log_p, g: torch.multinomial(log_p.exp(), 1, generator=g).squeeze(-1)
         try:
             return ours()
         finally:
-            generation.candidate_logits, generation.draw = window, draw
+            generation.candidate_logits = window
 
     return {
         "ours fp32, before (whole-vocabulary sort + multinomial)": ("fp32", ours_before),
