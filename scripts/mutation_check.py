@@ -125,6 +125,20 @@ MUTATIONS = (
         ("tests/test_generation.py",),
     ),
     Mutation(
+        "packing: a response sees the other responses of its prompt",
+        "rlhf_core/packing.py",
+        "    visible_part = (part[None, :] == _PROMPT) | (part[None, :] == part[:, None])",
+        "    visible_part = part[None, :] >= _PROMPT",
+        ("tests/test_packing.py", "tests/test_dpo_trainer.py"),
+    ),
+    Mutation(
+        "packing: the reward model reads the score one token before each response's end",
+        "rlhf_core/packing.py",
+        "            last.append(len(ids) - 1)",
+        "            last.append(len(ids) - 2)",
+        ("tests/test_reward_trainer.py",),
+    ),
+    Mutation(
         "rloo: leave-one-out baseline subtracted the wrong way",
         "rlhf_core/group_advantages.py",
         "    return scores - others_mean",

@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rlhf_core.callbacks import ListLogger
 from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.packing import packed_logprobs
 from rlhf_core.tokenization import collate_right_padded
+from rlhf_core.trainers import dpo as dpo_module
 from rlhf_core.trainers.common import LoRAConfig
 from rlhf_core.trainers.dpo import (
     REFERENCE_CACHE,
@@ -78,10 +80,19 @@ def test_dpo_margins_grow(tiny_model_dir: Path, tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(result.model_dir)
 
 
-def test_the_prompt_once_per_pair_trains_like_two_whole_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Given the same pairs, DPO with each prompt computed once for both responses and DPO with chosen and
-    rejected as two whole sequences follow the same loss and margin curves and end at the same weights (to
-    float rounding)."""
+def test_the_prompt_once_per_pair_trains_like_two_whole_sequences(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the same pairs, DPO with each prompt computed once for both responses (packed rows: the tiny model's
+    attention is sdpa) and DPO with chosen and rejected as two whole sequences follow the same loss and margin
+    curves and end at the same weights (to float rounding)."""
+    packed_calls = []
+
+    def counting(*args, **kwargs):  # the real function, counted: shows the trainer took the packed layout
+        packed_calls.append(1)
+        return packed_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "packed_logprobs", counting)
     runs = {}
     for share in (True, False):
         logger = ListLogger()
@@ -89,6 +100,10 @@ def test_the_prompt_once_per_pair_trains_like_two_whole_sequences(tiny_model_dir
             _config(max_steps=6, share_prompt=share), tiny_model_dir, preferences(24), [], tmp_path / str(share), logger
         )
         runs[share] = (logger, _weights(result.model_dir))
+        if share:  # the reference pass and 6 steps, all packed
+            packed_in_shared_run = len(packed_calls)
+            assert packed_in_shared_run >= 7
+    assert len(packed_calls) == packed_in_shared_run  # the two-sequence run packs nothing
     for name in ("dpo/loss", "dpo/reward_margin"):
         assert runs[True][0].series(name) == pytest.approx(runs[False][0].series(name), abs=1e-4)
     assert runs[True][0].series("dpo/loss")[-1] < runs[True][0].series("dpo/loss")[0]  # it trained
@@ -122,18 +137,24 @@ def test_first_step_loss_is_the_zero_margin_value(
     assert logger.series("dpo/loss")[0] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("share_prompt", [True, False], ids=["prompt-once", "two-sequences"])
+@pytest.mark.parametrize(
+    ("share_prompt", "attention", "layout_key"),
+    [(True, "sdpa", "keep"), (True, "", "prompt_ids"), (False, "sdpa", "input_ids")],
+    ids=["prompt-once-packed", "prompt-once-kv-cache", "two-sequences"],
+)
 def test_a_pair_batch_gives_each_response_its_log_prob_from_a_separate_pass(
-    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, share_prompt: bool
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, share_prompt: bool, attention: str, layout_key: str
 ) -> None:
-    """Both batch layouts of a pair (the prompt once with its KV cache shared by both responses, or chosen and
-    rejected as whole sequences in one `[2B, L]` pass) give each response the log-prob it gets in a plain
-    right-padded batch of its kind."""
+    """Every batch layout of a pair (the prompt once in a packed row, or once with its KV cache shared by both
+    responses, or chosen and rejected as whole sequences in one `[2B, L]` pass) gives each response the log-prob
+    it gets in a plain right-padded batch of its kind."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pairs = encode_preferences(tiny_tokenizer, preferences(3), _config())
     pad = tiny_tokenizer.pad_token_id
+    batch = collate_pairs(pairs, pad, torch.device("cpu"), share_prompt, attention)
+    assert layout_key in batch
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, collate_pairs(pairs, pad, torch.device("cpu"), share_prompt))
+        chosen, rejected = pair_logps(model, batch)
         for responses, joint in ((p.chosen for p in pairs), chosen), ((p.rejected for p in pairs), rejected):
             batch = collate_right_padded(list(responses), pad)
             alone = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])

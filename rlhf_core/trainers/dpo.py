@@ -11,10 +11,12 @@ sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
    A resumed run loads the cache instead of recomputing, when its fingerprint (model path, tokenised pairs) matches; else it recomputes (the numbers
    are deterministic either way). With LoRA the reference is the policy with adapters disabled; without LoRA a
    frozen copy of the SFT model is loaded for that pass and freed before training.
-2. Each step, the prompt of every pair goes through the policy once and both responses attend to its KV cache
-   (`share_prompt`, `logprobs.shared_prompt_logprobs`): the prompt's FLOPs and activations are paid once per
-   pair, not twice. With `share_prompt: false`, chosen and rejected go through as two whole sequences in one
-   forward pass (`[2B, L]`, chosen rows first). The same numbers either way, to float rounding.
+2. Each step, the prompt of every pair goes through the policy once for both responses (`share_prompt`): its
+   FLOPs and activations are paid once per pair, not twice. The micro-batch is packed into one row with no
+   padding and a block attention mask (`rlhf_core.packing`) when the attention takes such a mask and the row is
+   short enough (`packing.pack_fits`); otherwise both responses attend to the prompt's KV cache in a padded batch
+   (`logprobs.shared_prompt_logprobs`). With `share_prompt: false`, chosen and rejected go through as two whole
+   sequences in one forward pass (`[2B, L]`, chosen rows first). The same numbers every way, to float rounding.
 
 Implicit rewards r = β·(log π − log π_ref) are the metrics' "rewards": `dpo/chosen_rewards`,
 `dpo/rejected_rewards`, `dpo/reward_margin` = mean(r_w − r_l), `dpo/reward_accuracy` = mean(r_w > r_l).
@@ -41,6 +43,7 @@ from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf_core.losses import DPOLossType, dpo_loss
 from rlhf_core.models import disable_dropout
+from rlhf_core.packing import attention_implementation, pack_fits, pack_groups, packed_logprobs
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
 from rlhf_core.trainers.common import (
     Stage,
@@ -73,8 +76,8 @@ class DPOConfig(TrainerConfig):
     label_smoothing: float = 0.0
     """Conservative DPO: assumed probability ε ∈ [0, 0.5] that a label is flipped (sigmoid only)."""
     share_prompt: bool = True
-    """Compute each pair's prompt once for both responses (its KV cache reused; same log-probs to float rounding,
-    `logprobs.shared_prompt_logprobs`). False: chosen and rejected as two whole sequences, the prompt twice."""
+    """Compute each pair's prompt once for both responses (a packed row, or its KV cache reused; the same log-probs
+    to float rounding, `rlhf_core.packing`). False: chosen and rejected as two whole sequences, the prompt twice."""
     max_prompt_len: int | Auto | None = "auto"
     """Keep the last this-many prompt tokens (None: no limit;
     "auto": cover 95% of the prompts, `rlhf_core.lengths`)."""
@@ -120,16 +123,27 @@ def encode_preferences(
 
 
 def collate_pairs(
-    pairs: Sequence[PreferencePair], pad_id: int, device: torch.device, share_prompt: bool = True
+    pairs: Sequence[PreferencePair],
+    pad_id: int,
+    device: torch.device,
+    share_prompt: bool = True,
+    attention: str = "",
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of `B` pairs, plus `ref_chosen_logps` and `ref_rejected_logps` `[B]`.
 
-    `share_prompt` (the default): the prompt once per pair, `prompt_ids`/`prompt_mask` `[B, P]` left-padded, and
-    both responses `response_ids`/`response_mask` `[2B, R]` right-padded, chosen and rejected of pair `b` in rows
-    `2b` and `2b + 1` (`logprobs.shared_prompt_logprobs`). Otherwise chosen then rejected as whole sequences in
-    one right-padded batch `[2B, L]` (`input_ids`, `attention_mask`, `response_mask`).
+    `share_prompt` (the default): the prompt once per pair. Packed into one row (`packing.pack_groups`: chosen
+    and rejected of pair `b` are responses `2b` and `2b + 1`) when the model's `attention` implementation takes a
+    block mask and the row fits (`packing.pack_fits`); else `prompt_ids`/`prompt_mask` `[B, P]` left-padded and
+    both responses `response_ids`/`response_mask` `[2B, R]` right-padded, in rows `2b` and `2b + 1`
+    (`logprobs.shared_prompt_logprobs`). Otherwise chosen then rejected as whole sequences in one right-padded
+    batch `[2B, L]` (`input_ids`, `attention_mask`, `response_mask`).
     """
-    if share_prompt:
+    if share_prompt and pack_fits(sum(_pair_tokens(p) for p in pairs), attention):
+        _check_shared_prompts(pairs)
+        batch = pack_groups(
+            [p.chosen.prompt_ids for p in pairs], [[p.chosen.response_ids, p.rejected.response_ids] for p in pairs]
+        )
+    elif share_prompt:
         batch = _collate_shared_prompt(pairs, pad_id)
     else:
         batch = collate_right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
@@ -138,9 +152,17 @@ def collate_pairs(
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _collate_shared_prompt(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+def _pair_tokens(pair: PreferencePair) -> int:
+    return len(pair.chosen.prompt_ids) + len(pair.chosen.response_ids) + len(pair.rejected.response_ids)
+
+
+def _check_shared_prompts(pairs: Sequence[PreferencePair]) -> None:
     if any(p.chosen.prompt_ids != p.rejected.prompt_ids for p in pairs):
         raise ValueError("a pair's chosen and rejected responses were encoded with different prompts")
+
+
+def _collate_shared_prompt(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    _check_shared_prompts(pairs)
     width = max(len(p.chosen.prompt_ids) for p in pairs)
     responses = [r for p in pairs for r in (p.chosen.response_ids, p.rejected.response_ids)]
     length = max(len(r) for r in responses)
@@ -166,6 +188,9 @@ def _collate_shared_prompt(pairs: Sequence[PreferencePair], pad_id: int) -> dict
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`(chosen_logps, rejected_logps)`, each `[B]`: sequence log-probs of a `collate_pairs` batch, with the
     prompt computed once per pair when the batch shares it, else from one forward over `[2B, L]`."""
+    if "keep" in batch:  # packed (packing.pack_groups)
+        logps = packed_logprobs(model, batch, 2 * batch["ref_chosen_logps"].shape[0]).view(-1, 2)
+        return logps[:, 0], logps[:, 1]
     if "prompt_ids" in batch:
         logps = shared_prompt_logprobs(
             model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
@@ -178,6 +203,8 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> float:
     """Tokens the model processes for the batch (a shared prompt counts once)."""
+    if "keep" in batch:
+        return float(batch["input_ids"].numel())
     if "prompt_ids" in batch:
         return float(batch["prompt_mask"].sum() + batch["response_mask"].sum())
     return float(batch["attention_mask"].sum())
@@ -212,7 +239,10 @@ def compute_reference_logps(
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         chosen, rejected = pair_logps(
-            ref, collate_pairs([pairs[i] for i in chunk], pad_id, accelerator.device, share_prompt)
+            ref,
+            collate_pairs(
+                [pairs[i] for i in chunk], pad_id, accelerator.device, share_prompt, attention_implementation(ref)
+            ),
         )
         found.extend(zip(chunk, chosen.tolist(), rejected.tolist(), strict=True))
     if accelerator.num_processes > 1:
@@ -270,8 +300,9 @@ def reference_logps(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
-    """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs."""
+def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device, attention: str = "") -> Stage:
+    """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs; `attention`:
+    the policy's attention implementation (packing needs one that takes a block mask)."""
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         chosen, rejected = pair_logps(model, batch)
@@ -315,7 +346,7 @@ def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device) -> Stage:
 
     return Stage(
         name="dpo",
-        collate=lambda pairs: collate_pairs(pairs, pad_id, device, config.share_prompt),
+        collate=lambda pairs: collate_pairs(pairs, pad_id, device, config.share_prompt, attention),
         count=lambda batch: float(batch["ref_chosen_logps"].shape[0]),
         loss=loss,
         summarize=summarize,
@@ -363,6 +394,7 @@ def train_dpo(
     eval_pairs = _with_reference(eval_pairs, logps[len(train_pairs) :])
 
     session = start_session(config, accelerator, model, output_dir, logger)
-    metrics = fit(session, dpo_stage(config, pad_id, accelerator.device), train_pairs, eval_pairs)
+    stage = dpo_stage(config, pad_id, accelerator.device, attention_implementation(model))
+    metrics = fit(session, stage, train_pairs, eval_pairs)
     model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from_step=session.resumed_from_step)
