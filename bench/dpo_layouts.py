@@ -102,7 +102,7 @@ def main() -> None:
         "s per fwd+bwd packed / kv-cache / two seq.",
         "packed vs kv-cache",
         "packed vs two seq.",
-        "max |Δ log π|",
+        "max abs Δ log π",
     ]
     body = (
         f"### DPO pair layouts: {args.model}, forward + backward of one micro-batch\n\n"

@@ -3,7 +3,10 @@
     1. sample     responses from the current policy π_old (`generation.generate`, temperature τ, no top-k/top-p)
                   keeping the sampler's own log-probs  log π_old(a_t | s_t)
     2. forward    values V(s_t) of the critic (and, with `old_logprobs="forward"`, log π_old(a_t | s_t) from the
-                  same pass) and log π_ref(a_t | s_t) of the frozen reference (same τ)
+                  same pass) and log π_ref(a_t | s_t) of the frozen reference (same τ). A critic that shares
+                  the policy's body (`PolicyWithValueHead`) reads V(s_t) off the sampler's own hidden states
+                  in step 1 instead (the same states a forward pass would compute), so with the sampler's
+                  log-probs no critic pass is needed
     3. score      the RM on prompt + response and/or reward functions of the text (`rewards.RewardScorer`), then
                   shaping: normalise with running moments, clip, and replace the score of a response that never
                   emitted EOS by a fixed value
@@ -31,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_core.generation import GenerationOutput, SamplingConfig, generate
 from rlhf_core.logprobs import response_forward
 from rlhf_core.losses import gae, kl_penalized_rewards, masked_mean, masked_sum
+from rlhf_core.models import PolicyWithValueHead
 from rlhf_core.rewards import RewardScorer, as_scorer
 from rlhf_core.tokenization import Conversation
 from rlhf_core.trainers.common import reference_model
@@ -287,13 +291,24 @@ def make_experience(
     seconds spent sampling (`generation_s`) and in the critic, reference and reward forwards (`scoring_s`).
     """
     started = time.perf_counter()
-    # 1. sample: the old log-probs are the sampler's own (docs/pitfalls.md §1)
-    rollout = generate(actor, tokenizer, prompts, config.sampling(seed), max_prompt_len=config.max_prompt_len)
+    # 1. sample: the old log-probs are the sampler's own (docs/pitfalls.md §1); a shared-body critic's values too
+    values_from_sampler = isinstance(model, PolicyWithValueHead) and config.old_logprobs == "sampler"
+    rollout = generate(
+        model if values_from_sampler else actor,
+        tokenizer,
+        prompts,
+        config.sampling(seed),
+        max_prompt_len=config.max_prompt_len,
+        values=values_from_sampler,
+    )
     response_mask = rollout.response_mask
     sampled = time.perf_counter()
-    # 2. forward passes of the critic and the reference on the sampled tokens
-    old_values, forward_logprobs = critic_forward(model, rollout, config.temperature)
-    old_logprobs = rollout.logprobs if config.old_logprobs == "sampler" else forward_logprobs
+    # 2. forward passes of the critic (unless the sampler gave its values) and the reference on the sampled tokens
+    if rollout.values is not None:
+        old_values, old_logprobs = rollout.values, rollout.logprobs
+    else:
+        old_values, forward_logprobs = critic_forward(model, rollout, config.temperature)
+        old_logprobs = rollout.logprobs if config.old_logprobs == "sampler" else forward_logprobs
     ref_logprobs = reference_logprobs(actor, reference, rollout, config.temperature)
     # 3. score and shape
     rm_scores = as_scorer(scorer)(prompts, rollout)

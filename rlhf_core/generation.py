@@ -96,6 +96,9 @@ class GenerationOutput:
     """`[batch]` bool: the row stopped on an EOS (False: cut by `max_new_tokens`)."""
     texts: list[str]
     """Decoded responses, special tokens skipped."""
+    values: torch.Tensor | None = None
+    """`[batch, T]` float32 V(s_t) of a value head on the sampler's own final hidden states (`generate(...,
+    values=True)` with a `PolicyWithValueHead`: the critic shares the body); 0 where the mask is 0; else None."""
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -197,11 +200,14 @@ def sample(
     config: SamplingConfig,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    value_head: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Decode from left-padded prompts `[batch, P]` with the KV cache.
 
     `model` is a causal LM (peft-wrapped or not) — not the value-head wrapper. Returns `(response_ids,
-    response_mask, logprobs, ended_with_eos)` as in `GenerationOutput`, with `T` = steps actually taken.
+    response_mask, logprobs, ended_with_eos, values)` as in `GenerationOutput`, with `T` = steps actually taken.
+    `value_head` (the head of a critic sharing `model`'s body): V(s_t) from the final hidden state that gives
+    a_t's logits, the same state a full forward pass over prompt + response would read; else `values` is None.
     """
     device = prompt_ids.device
     generator = None
@@ -217,10 +223,11 @@ def sample(
         position_ids=prompt_positions,
         use_cache=True,
         logits_to_keep=1,
+        output_hidden_states=value_head is not None,
     )
     positions = prompt_positions[:, -1:]  # [batch, 1], advanced by one per generated token
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
-    tokens, masks, logprobs = [], [], []
+    tokens, masks, logprobs, values = [], [], [], []
     for _ in range(config.max_new_tokens):
         # [batch, C]: the filtered logits of the candidate tokens (C = V when nothing is filtered)
         logits, candidate_ids = candidate_logits(out.logits[:, -1], config.temperature, config.top_k, config.top_p)
@@ -232,6 +239,9 @@ def sample(
         masks.append(alive.long())
         chosen = log_p.gather(-1, choice[:, None]).squeeze(-1)
         logprobs.append(torch.where(alive, chosen, torch.zeros_like(chosen)))
+        if value_head is not None:  # the state s_t before a_t: the position whose logits drew a_t
+            value = value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
+            values.append(torch.where(alive, value, torch.zeros_like(value)))
         finished = finished | (alive & torch.isin(token, eos))
         if finished.all():
             break
@@ -243,8 +253,10 @@ def sample(
             position_ids=positions,
             **{CACHE_ARG: getattr(out, CACHE_ARG)},
             use_cache=True,
+            output_hidden_states=value_head is not None,
         )
-    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished
+    stacked_values = torch.stack(values, 1) if value_head is not None else None
+    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished, stacked_values
 
 
 def generate(
@@ -253,12 +265,16 @@ def generate(
     prompts: Sequence[Conversation],
     config: SamplingConfig,
     max_prompt_len: int | None = None,
+    values: bool = False,
 ) -> GenerationOutput:
     """Sample one response per prompt (strings or message lists, rendered by `tokenization.render_prompt`).
 
     Works with a `PolicyWithValueHead` (its body generates) or any causal LM. The model runs in eval mode (no
-    dropout) and is put back in its previous mode afterwards.
+    dropout) and is put back in its previous mode afterwards. `values=True` (a `PolicyWithValueHead` only): also
+    V(s_t) of every sampled state from the same decode steps, so PPO needs no critic pass over the rollout.
     """
+    if values and not isinstance(model, PolicyWithValueHead):
+        raise ValueError(f"values=True needs a PolicyWithValueHead (a critic sharing the body), got {type(model)}")
     if config.max_new_tokens == "auto" or max_prompt_len == "auto":
         raise ValueError(
             "max_new_tokens / max_prompt_len 'auto' must be resolved from the data before sampling "
@@ -274,8 +290,14 @@ def generate(
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     try:
         with precision:
-            response_ids, response_mask, logprobs, ended = sample(
-                body, prompt_ids, prompt_mask, config, _eos_token_ids(body, tokenizer), pad_id
+            response_ids, response_mask, logprobs, ended, state_values = sample(
+                body,
+                prompt_ids,
+                prompt_mask,
+                config,
+                _eos_token_ids(body, tokenizer),
+                pad_id,
+                value_head=model.value_head if values else None,
             )
     finally:
         body.train(was_training)
@@ -291,4 +313,5 @@ def generate(
         logprobs=logprobs,
         ended_with_eos=ended,
         texts=texts,
+        values=state_values,
     )

@@ -139,6 +139,13 @@ MUTATIONS = (
         ("tests/test_reward_trainer.py",),
     ),
     Mutation(
+        "ppo: the sampler's values read a prompt's first state instead of the one before a_0",
+        "rlhf_core/generation.py",
+        "            value = value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)",
+        "            value = value_head(out.hidden_states[-1][:, 0].float()).squeeze(-1)",
+        ("tests/test_experience.py",),
+    ),
+    Mutation(
         "rloo: leave-one-out baseline subtracted the wrong way",
         "rlhf_core/group_advantages.py",
         "    return scores - others_mean",

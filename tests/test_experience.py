@@ -11,9 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import rlhf_core.experience as experience_module
 from rlhf_core.experience import (
     ExperienceConfig,
     RunningMoments,
+    critic_forward,
     distinct_n,
     experience_metrics,
     make_experience,
@@ -111,6 +113,36 @@ def test_experience_equals_the_loss_functions_called_by_hand(policy, reference, 
         torch.testing.assert_close(getattr(exp, name), expected, atol=1e-6, rtol=0, msg=name)
     # and the policy really moved away from the reference (the test would be vacuous at KL = 0)
     assert float(exp.kl[valid].mean()) > 0.01
+
+
+@pytest.mark.parametrize("old_logprobs", ["sampler", "forward"])
+def test_a_shared_body_critic_reads_its_values_off_the_sampler(
+    policy, reference, reward_model, tiny_tokenizer, monkeypatch, old_logprobs
+):
+    """With the sampler's log-probs, a critic sharing the policy's body takes V(s_t) from the decode steps (no
+    critic pass over the rollout); the values equal a full forward pass over prompt + response. With
+    `old_logprobs="forward"` the pass runs, as before."""
+    critic = copy.deepcopy(policy)
+    with torch.no_grad():  # a value head with real weights, so the values differ from state to state
+        critic.value_head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    passes = []
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return critic_forward(*args, **kwargs)
+
+    monkeypatch.setattr(experience_module, "critic_forward", counted)
+    config = ExperienceConfig(max_new_tokens=10, old_logprobs=old_logprobs)
+    exp = make_experience(
+        critic, critic.pretrained_model, reference, reward_model, tiny_tokenizer, PROMPTS, config, kl_coef=0.1, seed=3
+    )
+    assert len(passes) == (0 if old_logprobs == "sampler" else 1)
+    valid = exp.response_mask.bool()
+    assert exp.ended_with_eos.any() and not valid.all()  # finished rows are in play
+    fresh = _forward(critic, exp).values
+    assert float(fresh[valid].std()) > 0.1  # not vacuous: the values vary
+    torch.testing.assert_close(exp.old_values[valid], fresh[valid], atol=1e-5, rtol=0)
+    assert not exp.old_values[~valid].any()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
