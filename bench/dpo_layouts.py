@@ -31,7 +31,8 @@ from rlhf_core.packing import MAX_PACKED_TOKENS
 from rlhf_core.tokenization import padding_id
 from rlhf_core.trainers.dpo import DPOConfig, collate_pairs, encode_preferences, pair_logps
 
-LAYOUTS = {"packed": (True, "sdpa"), "kv-cache": (True, ""), "two sequences": (False, "")}
+LAYOUTS = {"packed": (True, True), "kv-cache": (True, False), "two sequences": (False, False)}
+"""Layout name → `collate_pairs`' (share_prompt, pack)."""
 
 
 def slots(batch: dict[str, torch.Tensor]) -> int:
@@ -65,19 +66,19 @@ def main() -> None:
         seconds = {name: [] for name in LAYOUTS}
         with torch.no_grad():  # the layouts agree before they are timed
             got = {
-                name: torch.stack(pair_logps(model, collate_pairs(batches[0], pad, cpu, share, attn)))
-                for name, (share, attn) in LAYOUTS.items()
+                name: torch.stack(pair_logps(model, collate_pairs(batches[0], pad, cpu, share, pack)))
+                for name, (share, pack) in LAYOUTS.items()
             }
         worst = max(float((got[name] - got["two sequences"]).abs().max()) for name in LAYOUTS)
         for batch_pairs in batches:
-            for name, (share, attn) in LAYOUTS.items():
-                batch = collate_pairs(batch_pairs, pad, cpu, share, attn)
+            for name, (share, pack) in LAYOUTS.items():
+                batch = collate_pairs(batch_pairs, pad, cpu, share, pack)
                 start = time.perf_counter()
                 chosen, rejected = pair_logps(model, batch)
                 (chosen.sum() + rejected.sum()).backward()
                 seconds[name].append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
-        first = {name: collate_pairs(batches[0], pad, cpu, share, attn) for name, (share, attn) in LAYOUTS.items()}
+        first = {name: collate_pairs(batches[0], pad, cpu, share, pack) for name, (share, pack) in LAYOUTS.items()}
         median = {name: statistics.median(v) for name, v in seconds.items()}
         n_packed = first["packed"]["input_ids"].shape[1] if "keep" in first["packed"] else None
         table.append(

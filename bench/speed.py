@@ -543,7 +543,8 @@ def main() -> None:
     )
     body = "\n".join(
         [
-            f"### Speed and memory: {args.model} ({model_dir.name}), stages {', '.join(run['stages'])}",
+            f"### Speed and memory: {args.model} ({model_dir.name}), stages {', '.join(run['stages'])}"
+            + (", bf16" if args.bf16 else ""),
             "",
             f"`{command}` — {utc_now()}, {time.perf_counter() - started:.0f} s. Machine: {info['cpu']}, "
             f"{info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}. torch {trl_versions['torch']}, "

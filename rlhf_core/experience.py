@@ -288,7 +288,8 @@ def make_experience(
     `reference` the frozen π_ref (None: `actor` is a LoRA model, π_ref = adapters disabled); `scorer` the reward
     (`rewards.RewardScorer`: RM and/or reward functions; a bare reward model means 1 · RM); `kl_coef` the β of
     this iteration; `seed` seeds the sampler (None: the global torch RNG); `timings`, when given, receives the
-    seconds spent sampling (`generation_s`) and in the critic, reference and reward forwards (`scoring_s`).
+    seconds spent sampling (`generation_s`; a shared-body critic's values are read there) and in the critic,
+    reference and reward forwards (`scoring_s`).
     """
     started = time.perf_counter()
     # 1. sample: the old log-probs are the sampler's own (docs/pitfalls.md §1); a shared-body critic's values too

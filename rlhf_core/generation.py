@@ -17,7 +17,7 @@ at its first EOS (the tokenizer's eos, the chat template's end-of-turn token, or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -209,6 +209,38 @@ def sample(
     `value_head` (the head of a critic sharing `model`'s body): V(s_t) from the final hidden state that gives
     a_t's logits, the same state a full forward pass over prompt + response would read; else `values` is None.
     """
+    if value_head is None:
+        return _decode(model, prompt_ids, prompt_attention_mask, config, eos_token_ids, pad_token_id, None)
+    # The LM head's input at each step is the final hidden state of the position whose logits draw the next token:
+    # a forward pre-hook keeps it (`[batch, 1, H]`: the prompt pass keeps one position, each decode step has one).
+    head_input: dict[str, torch.Tensor] = {}
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: head_input.__setitem__("hidden", args[0])
+    )
+    try:
+        return _decode(
+            model,
+            prompt_ids,
+            prompt_attention_mask,
+            config,
+            eos_token_ids,
+            pad_token_id,
+            lambda: value_head(head_input["hidden"][:, -1].float()).squeeze(-1).float(),
+        )
+    finally:
+        handle.remove()
+
+
+def _decode(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    config: SamplingConfig,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    state_value: Callable[[], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`sample`'s decode loop; `state_value()` gives V(s_t) `[batch]` float32 of the last forward's state."""
     device = prompt_ids.device
     generator = None
     if config.seed is not None:
@@ -223,7 +255,6 @@ def sample(
         position_ids=prompt_positions,
         use_cache=True,
         logits_to_keep=1,
-        output_hidden_states=value_head is not None,
     )
     positions = prompt_positions[:, -1:]  # [batch, 1], advanced by one per generated token
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
@@ -239,8 +270,8 @@ def sample(
         masks.append(alive.long())
         chosen = log_p.gather(-1, choice[:, None]).squeeze(-1)
         logprobs.append(torch.where(alive, chosen, torch.zeros_like(chosen)))
-        if value_head is not None:  # the state s_t before a_t: the position whose logits drew a_t
-            value = value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
+        if state_value is not None:  # the state s_t before a_t: the position whose logits drew a_t
+            value = state_value()
             values.append(torch.where(alive, value, torch.zeros_like(value)))
         finished = finished | (alive & torch.isin(token, eos))
         if finished.all():
@@ -253,9 +284,8 @@ def sample(
             position_ids=positions,
             **{CACHE_ARG: getattr(out, CACHE_ARG)},
             use_cache=True,
-            output_hidden_states=value_head is not None,
         )
-    stacked_values = torch.stack(values, 1) if value_head is not None else None
+    stacked_values = torch.stack(values, 1) if state_value is not None else None
     return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished, stacked_values
 
 

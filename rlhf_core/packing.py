@@ -11,14 +11,25 @@ and a block attention mask keeps every token seeing exactly what it would see in
     token i may attend token k  ⟺  same group b,  k ≤ i,  and (k is a prompt token or k is in i's own response)
 
 Position ids restart per group and each response's positions continue from its prompt's length, so rotary and
-absolute position embeddings give the numbers of the unpacked sequences (to float rounding; tests/test_packing.py).
-The prompt is computed once for all its responses, as with `logprobs.shared_prompt_logprobs`, and only the
-positions that predict a response token are projected onto the vocabulary (`logits_to_keep` as an index tensor).
+learned absolute position embeddings give the numbers of the unpacked sequences (to float rounding; Llama and
+GPT-2 in tests/test_packing.py). The prompt is computed once for all its responses, as with
+`logprobs.shared_prompt_logprobs`, and only the positions that predict a response token are projected onto the
+vocabulary (`logits_to_keep` as an index tensor).
+
+When it applies (`pack_fits`, which fails closed: a model it cannot vouch for gets the padded layout):
+- sdpa attention. Flash-attention kernels take no custom mask; eager attention would keep heads × N² attention
+  probabilities per layer for the backward pass.
+- a model whose every layer is full softmax attention over the mask it is given, with positions from
+  `position_ids`: architectures listed in `PACKABLE_MODEL_TYPES`, and none with a sliding window, chunked
+  attention, or per-layer types other than full attention. Transformers passes a custom 4D mask through
+  unchanged, so a sliding-window layer would see the whole row, and a recurrent or convolutional layer
+  (hybrid models) ignores the mask and would carry state from one pair into the next.
+- a row of at most `MAX_PACKED_TOKENS` tokens, and no empty prompt.
 
 Cost. Attention over the packed row is dense in N (the mask is applied, masked blocks are not skipped), so it
-grows as N² while the matmuls grow as N. `pack_fits` bounds N so the attention stays a small part of the step;
-longer micro-batches use the padded KV-cache layout instead. Packing needs an attention implementation that takes
-a custom 4D mask (`sdpa`, `eager`); flash-attention kernels take none, and use the KV-cache layout.
+grows as N² while the matmuls grow as N. `MAX_PACKED_TOKENS` bounds N so the attention stays a small part of the
+step; the callers' padded layouts take longer micro-batches (DPO: the prompt's KV cache shared by both responses;
+the reward model: one right-padded batch).
 """
 
 from __future__ import annotations
@@ -29,28 +40,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACKABLE_ATTENTION = ("sdpa", "eager")
-"""Attention implementations that accept a custom `[batch, 1, q, k]` mask."""
+PACKABLE_ATTENTION = ("sdpa",)
+"""Attention implementations packing runs on: they take a custom boolean `[batch, 1, q, k]` mask and keep no N²
+probabilities for the backward pass."""
+
+PACKABLE_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2", "phi3", "smollm3", "gpt2"}
+)
+"""`config.model_type`s whose layers are all full attention over the given mask with positions from `position_ids`
+(rotary or learned absolute). Their sliding-window options are checked separately (`packable_config`)."""
 
 MAX_PACKED_TOKENS = 2048
 """Longest packed row. At this length the dense attention over the row is still cheap next to the matmuls of a
-135M-parameter model; past it, the padded layout costs less (bench/RESULTS.md, DPO packing)."""
+135M-parameter model; past it, the padded layout costs less (bench/RESULTS.md, DPO pair layouts)."""
 
 _PROMPT = 0
 
 
-def attention_implementation(model: nn.Module) -> str:
-    """The model's attention implementation name (`sdpa`, `eager`, `flash_attention_2`, …), '' if unknown; looks
-    through DDP-style wrappers (`.module`)."""
+def _config(model: nn.Module) -> object | None:
+    """The model's config, through DDP-style wrappers (`.module`); peft forwards `.config` itself."""
     while not hasattr(model, "config") and hasattr(model, "module"):
         model = model.module
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_attn_implementation", "") or "")
+    return getattr(model, "config", None)
 
 
-def pack_fits(total_tokens: int, attention: str) -> bool:
-    """Whether a micro-batch of `total_tokens` real tokens should be packed (see the module docstring, Cost)."""
-    return attention in PACKABLE_ATTENTION and total_tokens <= MAX_PACKED_TOKENS
+def attention_implementation(model: nn.Module) -> str:
+    """The model's attention implementation name (`sdpa`, `eager`, `flash_attention_2`, …), '' if unknown."""
+    return str(getattr(_config(model), "_attn_implementation", "") or "")
+
+
+def packable_config(config: object | None) -> bool:
+    """Whether a model with this config computes a packed row exactly (module docstring: When it applies)."""
+    if config is None or getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
+        return False
+    if str(getattr(config, "_attn_implementation", "") or "") not in PACKABLE_ATTENTION:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return False
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or all(kind == "full_attention" for kind in layer_types)
+
+
+def packable(model: nn.Module) -> bool:
+    """`packable_config` of the model's config, through DDP and peft wrappers."""
+    return packable_config(_config(model))
+
+
+def pack_fits(prompts: Sequence[Sequence[int]], total_tokens: int, model_packable: bool) -> bool:
+    """Whether a micro-batch should be packed: the model computes packed rows exactly (`packable`), the row has at
+    most `MAX_PACKED_TOKENS` tokens, and no prompt is empty (a response's first token needs a position to be
+    predicted from)."""
+    return model_packable and total_tokens <= MAX_PACKED_TOKENS and all(len(p) > 0 for p in prompts)
 
 
 def pack_groups(
@@ -65,7 +108,8 @@ def pack_groups(
     - `keep` `[K]`: the positions whose logits are needed, ascending, each once (a prompt's last position
       predicts the first token of all its responses);
     - `labels`, `label_rows` and `label_response` `[M]`, one entry per response token: the token, the row of the
-      kept logits that predicts it, and its response's index in prompt-major order (`b·n + j` with n per prompt);
+      kept logits that predicts it, and its response's index in prompt-major order (responses numbered 0, 1, …
+      across all prompts in turn);
     - `last` `[R]`: the position of each response's last token (a reward model's score is read there).
     """
     if len(responses) != len(prompts):
@@ -115,31 +159,36 @@ def pack_groups(
     }
 
 
-def packed_attention_mask(group: torch.Tensor, part: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
-    """`[1, 1, N, N]` mask of a packed row: True (sdpa) / 0 (eager, additive) where query i may attend key k."""
+def packed_attention_mask(group: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """`[1, 1, N, N]` boolean mask of a packed row (sdpa's convention): True where query i may attend key k."""
     index = torch.arange(group.shape[0], device=group.device)
     causal = index[None, :] <= index[:, None]  # [N (query), N (key)]
     same_group = group[:, None] == group[None, :]
     visible_part = (part[None, :] == _PROMPT) | (part[None, :] == part[:, None])
-    allowed = (causal & same_group & visible_part)[None, None]
-    if attention == "eager":  # eager attention adds the mask to the scores
-        return torch.zeros(allowed.shape, dtype=dtype, device=group.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
+    return (causal & same_group & visible_part)[None, None]
+
+
+def packed_forward(model: nn.Module, packed: dict[str, torch.Tensor], **kwargs: object) -> object:
+    """The model's forward over a `pack_groups` row with its block mask, no KV cache. Refuses a model that
+    `packable` does not vouch for: the wrong mask convention would silently mean no masking at all."""
+    if not packable(model):
+        raise ValueError(
+            f"packed rows need an sdpa model with full attention in every layer ({sorted(PACKABLE_MODEL_TYPES)}), "
+            f"got {getattr(_config(model), 'model_type', None)!r} with {attention_implementation(model)!r}"
         )
-    return allowed
+    return model(
+        input_ids=packed["input_ids"],
+        attention_mask=packed_attention_mask(packed["group"], packed["part"]),
+        position_ids=packed["position_ids"],
+        use_cache=False,
+        **kwargs,
+    )
 
 
 def packed_logprobs(model: nn.Module, packed: dict[str, torch.Tensor], n_responses: int) -> torch.Tensor:
     """`log π(y | x) = Σ_t log π(a_t | s_t)` `[n_responses]` float32 for a `pack_groups` row (prompt-major order),
     in one forward pass with logits only at the `keep` positions."""
-    dtype = next(model.parameters()).dtype
-    mask = packed_attention_mask(packed["group"], packed["part"], attention_implementation(model), dtype)
-    out = model(
-        input_ids=packed["input_ids"],
-        attention_mask=mask,
-        position_ids=packed["position_ids"],
-        logits_to_keep=packed["keep"],
-    )
+    out = packed_forward(model, packed, logits_to_keep=packed["keep"])
     logits = out[0] if isinstance(out, tuple) else out.logits  # [1, K, V]
     logits = logits[0].float()[packed["label_rows"]]  # [M, V]: the row predicting each response token
     token_logprobs = -F.cross_entropy(logits, packed["labels"], reduction="none")  # [M]

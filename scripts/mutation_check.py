@@ -139,10 +139,10 @@ MUTATIONS = (
         ("tests/test_reward_trainer.py",),
     ),
     Mutation(
-        "ppo: the sampler's values read a prompt's first state instead of the one before a_0",
+        "ppo: the sampler's values stay at the prompt's state (the hook keeps its first capture)",
         "rlhf_core/generation.py",
-        "            value = value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)",
-        "            value = value_head(out.hidden_states[-1][:, 0].float()).squeeze(-1)",
+        '        lambda _module, args: head_input.__setitem__("hidden", args[0])',
+        '        lambda _module, args: head_input.setdefault("hidden", args[0])',
         ("tests/test_experience.py",),
     ),
     Mutation(

@@ -138,12 +138,12 @@ def test_first_step_loss_is_the_zero_margin_value(
 
 
 @pytest.mark.parametrize(
-    ("share_prompt", "attention", "layout_key"),
-    [(True, "sdpa", "keep"), (True, "", "prompt_ids"), (False, "sdpa", "input_ids")],
+    ("share_prompt", "pack", "layout_key"),
+    [(True, True, "keep"), (True, False, "prompt_ids"), (False, True, "input_ids")],
     ids=["prompt-once-packed", "prompt-once-kv-cache", "two-sequences"],
 )
 def test_a_pair_batch_gives_each_response_its_log_prob_from_a_separate_pass(
-    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, share_prompt: bool, attention: str, layout_key: str
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, share_prompt: bool, pack: bool, layout_key: str
 ) -> None:
     """Every batch layout of a pair (the prompt once in a packed row, or once with its KV cache shared by both
     responses, or chosen and rejected as whole sequences in one `[2B, L]` pass) gives each response the log-prob
@@ -151,7 +151,7 @@ def test_a_pair_batch_gives_each_response_its_log_prob_from_a_separate_pass(
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pairs = encode_preferences(tiny_tokenizer, preferences(3), _config())
     pad = tiny_tokenizer.pad_token_id
-    batch = collate_pairs(pairs, pad, torch.device("cpu"), share_prompt, attention)
+    batch = collate_pairs(pairs, pad, torch.device("cpu"), share_prompt, pack)
     assert layout_key in batch
     with torch.no_grad():
         chosen, rejected = pair_logps(model, batch)

@@ -7,9 +7,17 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from rlhf_core.packing import MAX_PACKED_TOKENS, pack_fits, pack_groups, packed_attention_mask, packed_logprobs
+from rlhf_core.packing import (
+    MAX_PACKED_TOKENS,
+    pack_fits,
+    pack_groups,
+    packable,
+    packable_config,
+    packed_attention_mask,
+    packed_logprobs,
+)
 from rlhf_core.tokenization import encode_prompt_response
 
 
@@ -30,7 +38,7 @@ def test_a_packed_row_lays_out_ids_positions_and_predictors_as_worked_by_hand():
     assert packed["label_rows"].tolist() == [0, 1, 0, 2, 2, 3]
     assert packed["label_response"].tolist() == [0, 0, 1, 2, 3, 3]
 
-    allowed = packed_attention_mask(packed["group"], packed["part"], "sdpa", torch.float32)[0, 0]
+    allowed = packed_attention_mask(packed["group"], packed["part"])[0, 0]
     # Query 4 (response [31]) sees its prompt (0, 1) and itself, not the other response (2, 3).
     assert allowed[4].nonzero().flatten().tolist() == [0, 1, 4]
     # Query 3 (token 22) sees its prompt and its own earlier token; query 8 (33) sees prompt 5 and 32 (col 7).
@@ -38,15 +46,39 @@ def test_a_packed_row_lays_out_ids_positions_and_predictors_as_worked_by_hand():
     assert allowed[8].nonzero().flatten().tolist() == [5, 7, 8]
     # Nothing crosses from the second prompt's group to the first.
     assert not allowed[5:, :5].any()
-    eager = packed_attention_mask(packed["group"], packed["part"], "eager", torch.float32)[0, 0]
-    assert torch.equal(eager == 0, allowed)
-    assert (eager[~allowed] == torch.finfo(torch.float32).min).all()
 
 
-def test_packing_is_used_only_where_the_attention_takes_a_block_mask_and_the_row_is_short():
-    assert pack_fits(100, "sdpa") and pack_fits(MAX_PACKED_TOKENS, "eager")
-    assert not pack_fits(MAX_PACKED_TOKENS + 1, "sdpa")
-    assert not pack_fits(100, "flash_attention_2")
+def _config(model_type: str, attention: str = "sdpa", **fields) -> object:
+    config = AutoConfig.for_model(model_type, **fields)
+    config._attn_implementation = attention
+    return config
+
+
+def test_packing_is_used_only_where_the_model_computes_a_packed_row_exactly_and_the_row_is_short():
+    """Fails closed: sdpa only (eager keeps N² probabilities, flash attention takes no mask), full attention in every
+    layer (a sliding window or a recurrent layer would see across pairs), and no empty prompt."""
+    assert packable_config(_config("llama")) and packable_config(_config("gpt2"))
+    assert packable_config(_config("qwen2", sliding_window=4096, use_sliding_window=False))
+    assert not packable_config(_config("llama", "eager"))
+    assert not packable_config(_config("llama", "flash_attention_2"))
+    assert not packable_config(_config("mistral", sliding_window=4096))
+    assert not packable_config(_config("qwen2", sliding_window=4096, use_sliding_window=True))
+    assert not packable_config(
+        _config("llama", num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
+    )
+    assert not packable_config(_config("bloom"))  # ALiBi, not in the checked list
+    assert not packable_config(None)
+    assert pack_fits([[1]], MAX_PACKED_TOKENS, True)
+    assert not pack_fits([[1]], MAX_PACKED_TOKENS + 1, True)
+    assert not pack_fits([[1], []], 10, True)
+    assert not pack_fits([[1]], 10, False)
+
+
+def test_a_packed_forward_refuses_a_model_it_cannot_vouch_for(tiny_model_dir):
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    assert not packable(eager)
+    with pytest.raises(ValueError, match="packed rows need an sdpa model"):
+        packed_logprobs(eager, pack_groups([[1, 2]], [[[3]]]), 1)
 
 
 def _alone_sum(model, prompt_ids, response_ids) -> torch.Tensor:
@@ -63,16 +95,24 @@ GROUPS = [
 ]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_packed_row_gives_each_response_its_own_log_prob_and_gradient(
-    tiny_model_dir, tiny_tokenizer, attention, lora
-):
+def _tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
+    """Learned absolute position embeddings (the other kind `packing` vouches for), built from config."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "llama-lora", "gpt2"])
+def test_a_packed_row_gives_each_response_its_own_log_prob_and_gradient(tiny_model_dir, tiny_tokenizer, model_kind):
     """Three responses per prompt, two prompts of different lengths, in one packed row: each response's log-prob
     and the gradient of a loss that weighs them differently match those of six separate unpadded sequences."""
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
-    base.eval()
-    if lora:
+    if model_kind == "gpt2":
+        base = _tiny_gpt2(len(tiny_tokenizer)).eval()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert packable(base)
+    if model_kind == "llama-lora":
         from rlhf_core.trainers.common import LoRAConfig, apply_lora
 
         base = apply_lora(base, LoRAConfig(r=4))

@@ -169,19 +169,18 @@ def test_training_scores_match_the_shared_scorer(tiny_model_dir: Path, tiny_toke
     assert torch.equal(ours, shared)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_packed_batch_scores_and_trains_like_the_padded_one(
-    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, attention: str
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """Rankings (K = 3) and preference pairs packed into one row, each prompt once (`rlhf_core.packing`), get the
     scores `models.score_sequences` gives each response in a right-padded batch, and the same gradient of the
     Bradley–Terry loss."""
-    model = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32, attn_implementation=attention).eval()
-    twin = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    model = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32).eval()
+    twin = reward_model_from_causal_lm(tiny_model_dir, dtype=torch.float32).eval()
     comparisons = encode_comparisons(tiny_tokenizer, rankings(2), _config()) + encode_comparisons(
         tiny_tokenizer, preferences(2), _config()
     )
-    packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, CPU, attention)
+    packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, CPU, pack=True)
     padded = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, CPU)
     assert "last" in packed and packed["input_ids"].shape[0] == 1 and "last" not in padded
     assert packed["chosen_index"].tolist() == padded["chosen_index"].tolist()

@@ -13,8 +13,8 @@ sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
    frozen copy of the SFT model is loaded for that pass and freed before training.
 2. Each step, the prompt of every pair goes through the policy once for both responses (`share_prompt`): its
    FLOPs and activations are paid once per pair, not twice. The micro-batch is packed into one row with no
-   padding and a block attention mask (`rlhf_core.packing`) when the attention takes such a mask and the row is
-   short enough (`packing.pack_fits`); otherwise both responses attend to the prompt's KV cache in a padded batch
+   padding and a block attention mask (`rlhf_core.packing`) when the model computes packed rows exactly and the
+   row is short enough (`packing.pack_fits`); otherwise both responses attend to the prompt's KV cache in a padded batch
    (`logprobs.shared_prompt_logprobs`). With `share_prompt: false`, chosen and rejected go through as two whole
    sequences in one forward pass (`[2B, L]`, chosen rows first). The same numbers every way, to float rounding.
 
@@ -43,7 +43,7 @@ from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf_core.losses import DPOLossType, dpo_loss
 from rlhf_core.models import disable_dropout
-from rlhf_core.packing import attention_implementation, pack_fits, pack_groups, packed_logprobs
+from rlhf_core.packing import pack_fits, pack_groups, packable, packed_logprobs
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
 from rlhf_core.trainers.common import (
     Stage,
@@ -127,22 +127,21 @@ def collate_pairs(
     pad_id: int,
     device: torch.device,
     share_prompt: bool = True,
-    attention: str = "",
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of `B` pairs, plus `ref_chosen_logps` and `ref_rejected_logps` `[B]`.
 
     `share_prompt` (the default): the prompt once per pair. Packed into one row (`packing.pack_groups`: chosen
-    and rejected of pair `b` are responses `2b` and `2b + 1`) when the model's `attention` implementation takes a
-    block mask and the row fits (`packing.pack_fits`); else `prompt_ids`/`prompt_mask` `[B, P]` left-padded and
+    and rejected of pair `b` are responses `2b` and `2b + 1`) when `pack` (the model is `packing.packable`) and
+    the row fits (`packing.pack_fits`); else `prompt_ids`/`prompt_mask` `[B, P]` left-padded and
     both responses `response_ids`/`response_mask` `[2B, R]` right-padded, in rows `2b` and `2b + 1`
     (`logprobs.shared_prompt_logprobs`). Otherwise chosen then rejected as whole sequences in one right-padded
     batch `[2B, L]` (`input_ids`, `attention_mask`, `response_mask`).
     """
-    if share_prompt and pack_fits(sum(_pair_tokens(p) for p in pairs), attention):
+    prompts = [p.chosen.prompt_ids for p in pairs]
+    if share_prompt and pack_fits(prompts, sum(_pair_tokens(p) for p in pairs), pack):
         _check_shared_prompts(pairs)
-        batch = pack_groups(
-            [p.chosen.prompt_ids for p in pairs], [[p.chosen.response_ids, p.rejected.response_ids] for p in pairs]
-        )
+        batch = pack_groups(prompts, [[p.chosen.response_ids, p.rejected.response_ids] for p in pairs])
     elif share_prompt:
         batch = _collate_shared_prompt(pairs, pad_id)
     else:
@@ -240,9 +239,7 @@ def compute_reference_logps(
         chunk = mine[start : start + batch_size]
         chosen, rejected = pair_logps(
             ref,
-            collate_pairs(
-                [pairs[i] for i in chunk], pad_id, accelerator.device, share_prompt, attention_implementation(ref)
-            ),
+            collate_pairs([pairs[i] for i in chunk], pad_id, accelerator.device, share_prompt, packable(ref)),
         )
         found.extend(zip(chunk, chosen.tolist(), rejected.tolist(), strict=True))
     if accelerator.num_processes > 1:
@@ -300,9 +297,9 @@ def reference_logps(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device, attention: str = "") -> Stage:
-    """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs; `attention`:
-    the policy's attention implementation (packing needs one that takes a block mask)."""
+def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device, pack: bool = False) -> Stage:
+    """The DPO plug-in of `common.fit`: rows are `PreferencePair`s with their reference log-probs; `pack`: the
+    policy computes packed rows exactly (`packing.packable`)."""
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         chosen, rejected = pair_logps(model, batch)
@@ -346,7 +343,7 @@ def dpo_stage(config: DPOConfig, pad_id: int, device: torch.device, attention: s
 
     return Stage(
         name="dpo",
-        collate=lambda pairs: collate_pairs(pairs, pad_id, device, config.share_prompt, attention),
+        collate=lambda pairs: collate_pairs(pairs, pad_id, device, config.share_prompt, pack),
         count=lambda batch: float(batch["ref_chosen_logps"].shape[0]),
         loss=loss,
         summarize=summarize,
@@ -394,7 +391,7 @@ def train_dpo(
     eval_pairs = _with_reference(eval_pairs, logps[len(train_pairs) :])
 
     session = start_session(config, accelerator, model, output_dir, logger)
-    stage = dpo_stage(config, pad_id, accelerator.device, attention_implementation(model))
+    stage = dpo_stage(config, pad_id, accelerator.device, packable(model))
     metrics = fit(session, stage, train_pairs, eval_pairs)
     model_dir = save_final_model(accelerator, session.model, tokenizer, output_dir)
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from_step=session.resumed_from_step)

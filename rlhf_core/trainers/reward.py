@@ -9,9 +9,9 @@ the Bradley–Terry loss
 Rows are preferences `{"prompt", "chosen", "rejected"[, "margin"]}` or rankings `{"prompt", "responses":
 [best, ..., worst]}`. Every response of a micro-batch goes through the model in ONE forward pass (chosen and
 rejected together; packed into one unpadded row with each prompt computed once, `rlhf_core.packing`, when the
-attention takes a block mask and the row fits); a ranking of K responses is scored with K sequences and yields all K(K−1)/2 pairs from
-those K scores (InstructGPT: the pairs of one prompt stay in one batch, so no response is seen twice per
-epoch, which is what overfits). The loss is a mean over the pairs of the whole global batch; `batch_size`
+model computes packed rows exactly and the row fits); a ranking of K responses is scored with K sequences and
+yields all K(K−1)/2 pairs from those K scores (InstructGPT: the pairs of one prompt stay in one batch, so no
+response is seen twice per epoch, which is what overfits). The loss is a mean over the pairs of the whole global batch; `batch_size`
 counts rows.
 
 Normalisation (`normalize_rewards=True`): after training, the mean score μ over every response of the
@@ -38,7 +38,7 @@ from rlhf_core.callbacks import MetricLogger
 from rlhf_core.lengths import Auto, resolve_from_rows
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.models import disable_dropout, last_token_index, reward_model_from_causal_lm, unwrap_peft
-from rlhf_core.packing import attention_implementation, pack_fits, pack_groups, packed_attention_mask
+from rlhf_core.packing import pack_fits, pack_groups, packable, packed_forward
 from rlhf_core.tokenization import EncodedPair, collate_right_padded, encode_prompt_response, padding_id
 from rlhf_core.trainers.common import (
     Stage,
@@ -111,11 +111,11 @@ def encode_comparisons(
 
 
 def collate_comparisons(
-    comparisons: Sequence[Comparison], pad_id: int, device: torch.device, attention: str = ""
+    comparisons: Sequence[Comparison], pad_id: int, device: torch.device, pack: bool = False
 ) -> dict[str, torch.Tensor]:
     """All R responses of the rows, plus `chosen_index`, `rejected_index` and `margin` `[num_pairs]` pointing
     into them. Packed into one unpadded row, each prompt once for all its responses (`packing.pack_groups`), when
-    the model's `attention` implementation takes a block mask and the row fits (`packing.pack_fits`); else one
+    `pack` (the model is `packing.packable`) and the row fits (`packing.pack_fits`); else one
     right-padded batch `[R, L]`."""
     responses, chosen, rejected, margins = [], [], [], []
     for comparison in comparisons:
@@ -125,13 +125,11 @@ def collate_comparisons(
             chosen.append(offset + w)
             rejected.append(offset + lo)
             margins.append(m)
-    if pack_fits(sum(_comparison_tokens(c) for c in comparisons), attention) and all(
+    prompts = [c.responses[0].prompt_ids for c in comparisons]
+    if pack_fits(prompts, sum(_comparison_tokens(c) for c in comparisons), pack) and all(
         len({tuple(r.prompt_ids) for r in c.responses}) == 1 for c in comparisons
     ):
-        batch = pack_groups(
-            [c.responses[0].prompt_ids for c in comparisons],
-            [[r.response_ids for r in c.responses] for c in comparisons],
-        )
+        batch = pack_groups(prompts, [[r.response_ids for r in c.responses] for c in comparisons])
     else:
         batch = collate_right_padded(responses, pad_id)
     batch["chosen_index"] = torch.tensor(chosen, dtype=torch.long)
@@ -152,16 +150,7 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     """
     head = _inner(model).score
     if "last" in batch:  # packed (packing.pack_groups): one row, the score read at each response's last token
-        mask = packed_attention_mask(
-            batch["group"], batch["part"], attention_implementation(model), next(model.parameters()).dtype
-        )
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=batch["position_ids"],
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        out = packed_forward(model, batch, output_hidden_states=True)
         return head(out.hidden_states[-1][0, batch["last"]]).squeeze(-1).float()
     out = model(
         input_ids=batch["input_ids"],
@@ -196,7 +185,7 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         "responses": float(detached.shape[0]),
         "reward_sum": float(detached.sum()),
         "reward_sq_sum": float((detached**2).sum()),
-        # tokens the model processes: a packed batch holds each prompt once
+        # tokens the model processes: a packed batch holds each prompt once, a padded one once per response
         "tokens": float(batch["input_ids"].numel() if "last" in batch else batch["attention_mask"].sum()),
     }
     return mean_loss * n, sums
@@ -214,12 +203,12 @@ def _summarize(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
-def reward_stage(pad_id: int, device: torch.device, attention: str = "") -> Stage:
-    """The reward-model plug-in of `common.fit`: rows are `Comparison`s; `attention`: the model's attention
-    implementation (packing needs one that takes a block mask)."""
+def reward_stage(pad_id: int, device: torch.device, pack: bool = False) -> Stage:
+    """The reward-model plug-in of `common.fit`: rows are `Comparison`s; `pack`: the model computes packed rows
+    exactly (`packing.packable`)."""
     return Stage(
         name="rm",
-        collate=lambda rows: collate_comparisons(rows, pad_id, device, attention),
+        collate=lambda rows: collate_comparisons(rows, pad_id, device, pack),
         count=lambda batch: float(batch["chosen_index"].shape[0]),
         loss=_loss,
         summarize=_summarize,
@@ -247,9 +236,7 @@ def mean_score(
         for start in range(0, len(shard), batch_size):
             scores = score_batch(
                 model,
-                collate_comparisons(
-                    shard[start : start + batch_size], pad_id, accelerator.device, attention_implementation(model)
-                ),
+                collate_comparisons(shard[start : start + batch_size], pad_id, accelerator.device, packable(model)),
             )
             total, count = total + float(scores.sum()), count + scores.shape[0]
     sums = all_reduce_sum(accelerator, {"total": total, "count": count})
@@ -299,7 +286,7 @@ def train_reward_model(
     train = encode_comparisons(tokenizer, train_rows, config)
     metrics = fit(
         session,
-        reward_stage(pad_id, accelerator.device, attention_implementation(model)),
+        reward_stage(pad_id, accelerator.device, packable(model)),
         train,
         encode_comparisons(tokenizer, eval_rows, config),
     )
