@@ -17,8 +17,8 @@ at its first EOS (the tokenizer's eos, the chat template's end-of-turn token, or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -192,6 +192,24 @@ def _eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
+@contextmanager
+def _lm_head_input(model: nn.Module, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, `["hidden"]` holds the input of `model`'s LM head at its latest forward: the final hidden state
+    of the positions whose logits are computed (`[batch, 1, H]` in `sample`: the prompt pass keeps one position,
+    each decode step has one). A forward pre-hook, so no per-layer hidden-state tuples are built."""
+    head_input: dict[str, torch.Tensor] = {}
+    if not enabled:
+        yield head_input
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: head_input.__setitem__("hidden", args[0])
+    )
+    try:
+        yield head_input
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -209,84 +227,53 @@ def sample(
     `value_head` (the head of a critic sharing `model`'s body): V(s_t) from the final hidden state that gives
     a_t's logits, the same state a full forward pass over prompt + response would read; else `values` is None.
     """
-    if value_head is None:
-        return _decode(model, prompt_ids, prompt_attention_mask, config, eos_token_ids, pad_token_id, None)
-    # The LM head's input at each step is the final hidden state of the position whose logits draw the next token:
-    # a forward pre-hook keeps it (`[batch, 1, H]`: the prompt pass keeps one position, each decode step has one).
-    head_input: dict[str, torch.Tensor] = {}
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _module, args: head_input.__setitem__("hidden", args[0])
-    )
-    try:
-        return _decode(
-            model,
-            prompt_ids,
-            prompt_attention_mask,
-            config,
-            eos_token_ids,
-            pad_token_id,
-            lambda: value_head(head_input["hidden"][:, -1].float()).squeeze(-1).float(),
-        )
-    finally:
-        handle.remove()
-
-
-def _decode(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
-    config: SamplingConfig,
-    eos_token_ids: Sequence[int],
-    pad_token_id: int,
-    state_value: Callable[[], torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`sample`'s decode loop; `state_value()` gives V(s_t) `[batch]` float32 of the last forward's state."""
-    device = prompt_ids.device
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    eos = torch.tensor(list(eos_token_ids), device=device)
-    attention_mask = prompt_attention_mask.long()
-    prompt_positions = position_ids_from_attention_mask(attention_mask)  # [batch, P]
-    # Only the last position's logits are needed: skip the [batch, P, V] projection of the prompt.
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention_mask,
-        position_ids=prompt_positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    positions = prompt_positions[:, -1:]  # [batch, 1], advanced by one per generated token
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
-    tokens, masks, logprobs, values = [], [], [], []
-    for _ in range(config.max_new_tokens):
-        # [batch, C]: the filtered logits of the candidate tokens (C = V when nothing is filtered)
-        logits, candidate_ids = candidate_logits(out.logits[:, -1], config.temperature, config.top_k, config.top_p)
-        log_p = logits.log_softmax(-1)
-        choice = draw(log_p, generator) if config.do_sample else logits.argmax(-1)  # [batch], index into C
-        token = choice if candidate_ids is None else candidate_ids.gather(-1, choice[:, None]).squeeze(-1)
-        alive = ~finished
-        tokens.append(torch.where(alive, token, torch.full_like(token, pad_token_id)))
-        masks.append(alive.long())
-        chosen = log_p.gather(-1, choice[:, None]).squeeze(-1)
-        logprobs.append(torch.where(alive, chosen, torch.zeros_like(chosen)))
-        if state_value is not None:  # the state s_t before a_t: the position whose logits drew a_t
-            value = state_value()
-            values.append(torch.where(alive, value, torch.zeros_like(value)))
-        finished = finished | (alive & torch.isin(token, eos))
-        if finished.all():
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        positions = positions + 1
+    with _lm_head_input(model, value_head is not None) as head_input:
+        device = prompt_ids.device
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(config.seed)
+        eos = torch.tensor(list(eos_token_ids), device=device)
+        attention_mask = prompt_attention_mask.long()
+        prompt_positions = position_ids_from_attention_mask(attention_mask)  # [batch, P]
+        # Only the last position's logits are needed: skip the [batch, P, V] projection of the prompt.
         out = model(
-            input_ids=tokens[-1][:, None],
+            input_ids=prompt_ids,
             attention_mask=attention_mask,
-            position_ids=positions,
-            **{CACHE_ARG: getattr(out, CACHE_ARG)},
+            position_ids=prompt_positions,
             use_cache=True,
+            logits_to_keep=1,
         )
-    stacked_values = torch.stack(values, 1) if state_value is not None else None
-    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished, stacked_values
+        positions = prompt_positions[:, -1:]  # [batch, 1], advanced by one per generated token
+        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+        tokens, masks, logprobs, values = [], [], [], []
+        for _ in range(config.max_new_tokens):
+            # [batch, C]: the filtered logits of the candidate tokens (C = V when nothing is filtered)
+            logits, candidate_ids = candidate_logits(out.logits[:, -1], config.temperature, config.top_k, config.top_p)
+            log_p = logits.log_softmax(-1)
+            choice = draw(log_p, generator) if config.do_sample else logits.argmax(-1)  # [batch], index into C
+            token = choice if candidate_ids is None else candidate_ids.gather(-1, choice[:, None]).squeeze(-1)
+            alive = ~finished
+            tokens.append(torch.where(alive, token, torch.full_like(token, pad_token_id)))
+            masks.append(alive.long())
+            chosen = log_p.gather(-1, choice[:, None]).squeeze(-1)
+            logprobs.append(torch.where(alive, chosen, torch.zeros_like(chosen)))
+            if value_head is not None:  # the state s_t before a_t: the position whose logits drew a_t
+                value = value_head(head_input["hidden"][:, -1].float()).squeeze(-1).float()
+                values.append(torch.where(alive, value, torch.zeros_like(value)))
+            finished = finished | (alive & torch.isin(token, eos))
+            if finished.all():
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            positions = positions + 1
+            out = model(
+                input_ids=tokens[-1][:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                **{CACHE_ARG: getattr(out, CACHE_ARG)},
+                use_cache=True,
+            )
+        stacked_values = torch.stack(values, 1) if value_head is not None else None
+        return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), finished, stacked_values
 
 
 def generate(

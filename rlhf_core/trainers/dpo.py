@@ -14,9 +14,10 @@ sum of the response tokens' log-probs (`rlhf_core.logprobs.sequence_logprobs`).
 2. Each step, the prompt of every pair goes through the policy once for both responses (`share_prompt`): its
    FLOPs and activations are paid once per pair, not twice. The micro-batch is packed into one row with no
    padding and a block attention mask (`rlhf_core.packing`) when the model computes packed rows exactly and the
-   row is short enough (`packing.pack_fits`); otherwise both responses attend to the prompt's KV cache in a padded batch
-   (`logprobs.shared_prompt_logprobs`). With `share_prompt: false`, chosen and rejected go through as two whole
-   sequences in one forward pass (`[2B, L]`, chosen rows first). The same numbers every way, to float rounding.
+   row is short enough (`packing.pack_fits`); otherwise both responses attend to the prompt's KV cache in a
+   padded batch (`logprobs.shared_prompt_logprobs`). With `share_prompt: false`, chosen and rejected go through
+   as two whole sequences in one forward pass (`[2B, L]`, chosen rows first). The same numbers every way, to
+   float rounding.
 
 Implicit rewards r = β·(log π − log π_ref) are the metrics' "rewards": `dpo/chosen_rewards`,
 `dpo/rejected_rewards`, `dpo/reward_margin` = mean(r_w − r_l), `dpo/reward_accuracy` = mean(r_w > r_l).

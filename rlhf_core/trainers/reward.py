@@ -11,8 +11,8 @@ Rows are preferences `{"prompt", "chosen", "rejected"[, "margin"]}` or rankings 
 rejected together; packed into one unpadded row with each prompt computed once, `rlhf_core.packing`, when the
 model computes packed rows exactly and the row fits); a ranking of K responses is scored with K sequences and
 yields all K(K−1)/2 pairs from those K scores (InstructGPT: the pairs of one prompt stay in one batch, so no
-response is seen twice per epoch, which is what overfits). The loss is a mean over the pairs of the whole global batch; `batch_size`
-counts rows.
+response is seen twice per epoch, which is what overfits). The loss is a mean over the pairs of the whole
+global batch; `batch_size` counts rows.
 
 Normalisation (`normalize_rewards=True`): after training, the mean score μ over every response of the
 *training* rows (chosen and rejected, or all ranked responses) is subtracted through the score head's bias, so
